@@ -1,0 +1,15 @@
+"""Building blocks of the ViT family; `kvs.ViT` assembles them from a config."""
+
+from keras_vitscale.layers.attention import MultiHeadSelfAttention, attention
+from keras_vitscale.layers.blocks import ParallelBlock, SequentialBlock
+from keras_vitscale.layers.dense import FusedXavierUniform, TokenDense
+from keras_vitscale.layers.embedding import (
+    ClassToken,
+    LearnedPositionEmbedding,
+    PatchEmbedding,
+    SinCos2DPositionEmbedding,
+    resample_grid,
+    sincos2d_table,
+)
+from keras_vitscale.layers.mlp import MLP
+from keras_vitscale.layers.pooling import MAPHead

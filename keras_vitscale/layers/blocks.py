@@ -1,0 +1,151 @@
+"""Encoder blocks: sequential pre-LN (ViT) and parallel (ViT-22B).
+
+The vanilla SimplEsT-ViT block (no LayerNorm, no skips) is in
+`keras_vitscale/layers/simplest.py`.
+"""
+
+import keras
+from keras import ops
+
+from keras_vitscale.layers.attention import MultiHeadSelfAttention, attend
+from keras_vitscale.layers.dense import FusedXavierUniform, TokenDense, project
+from keras_vitscale.layers.mlp import MLP, MLP_BIAS_INIT, gelu
+
+
+class RematBlock(keras.layers.Layer):
+    """Base of the encoder blocks: `forward` runs under `keras.remat` when
+    `config.remat` is set, so its activations are recomputed in the backward
+    pass instead of stored.
+
+    Why not `keras.RematScope`: it passes `training` through the checkpointed
+    function, where JAX turns the Python bool into a tracer that Dropout
+    cannot branch on; a closure keeps it a Python value.
+    """
+
+    def __init__(self, config, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+
+    def call(self, x, training=None):
+        if self.config.remat:
+            return keras.remat(lambda y: self.forward(y, training))(x)
+        return self.forward(x, training)
+
+
+def layer_norm(config, name, dtype, center=None):
+    return keras.layers.LayerNormalization(
+        epsilon=config.layer_norm_epsilon,
+        center=config.norm_bias if center is None else center, name=name, dtype=dtype)
+
+
+class SequentialBlock(RematBlock):
+    """x + Attn(LN(x)), then x + MLP(LN(x)).
+
+    Args:
+        config: the model's `ViTConfig`.
+    """
+
+    def __init__(self, config, **kwargs):
+        super().__init__(config, **kwargs)
+        c, dtype = config, self.dtype_policy
+        self.norm_1 = layer_norm(c, "norm_1", dtype)
+        self.attention = MultiHeadSelfAttention(
+            c.width, c.num_heads, qkv_bias=c.qkv_bias, out_bias=c.attn_out_bias,
+            qk_norm=c.qk_norm, norm_bias=c.norm_bias,
+            layer_norm_epsilon=c.layer_norm_epsilon, dropout_rate=c.dropout_rate,
+            name="attention", dtype=dtype)
+        self.norm_2 = layer_norm(c, "norm_2", dtype)
+        self.mlp = MLP(c.mlp_dim, use_bias=c.mlp_bias, gelu_flavour=c.gelu,
+                       dropout_rate=c.dropout_rate, name="mlp", dtype=dtype)
+
+    def build(self, input_shape):
+        for layer in (self.norm_1, self.attention, self.norm_2, self.mlp):
+            layer.build(input_shape)
+
+    def forward(self, x, training=None):
+        x = x + self.attention(self.norm_1(x), training=training)
+        return x + self.mlp(self.norm_2(x), training=training)
+
+
+class FusedInProjection(keras.layers.Layer):
+    """One (D, 3D + M) matmul giving q, k, v and the MLP hidden units.
+
+    Separate bias vectors for the QKV and MLP parts, so ViT-22B can drop the
+    QKV bias and keep the MLP one.
+
+    Args:
+        config: the model's `ViTConfig`.
+    """
+
+    def __init__(self, config, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+
+    def build(self, input_shape):
+        c = self.config
+        d, m = c.width, c.mlp_dim
+        # Xavier with the fan of one (D, D) projection, as if unfused.
+        self.kernel = self.add_weight(name="kernel", shape=(d, 3 * d + m),
+                                      initializer=FusedXavierUniform(parts=3 + m / d))
+        self.qkv_bias = self.mlp_bias = None
+        if c.qkv_bias:
+            self.qkv_bias = self.add_weight(name="qkv_bias", shape=(3 * d,),
+                                            initializer="zeros")
+        if c.mlp_bias:
+            self.mlp_bias = self.add_weight(name="mlp_bias", shape=(m,),
+                                            initializer=MLP_BIAS_INIT)
+
+    def call(self, x):
+        d = self.config.width
+        h = project(x, self.kernel)
+        qkv, hidden = h[..., : 3 * d], h[..., 3 * d:]
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias
+        if self.mlp_bias is not None:
+            hidden = hidden + self.mlp_bias
+        return qkv, hidden
+
+
+class ParallelBlock(RematBlock):
+    """ViT-22B: y = x + Attn(LN(x)) + MLP(LN(x)) with fused projections.
+
+    One (D, 3D + M) matmul produces q, k, v and the MLP hidden units; one
+    (D + M, D) matmul maps the attention output and the activated hidden
+    units back, which sums the two branches for free.
+
+    Args:
+        config: the model's `ViTConfig`.
+    """
+
+    def __init__(self, config, **kwargs):
+        super().__init__(config, **kwargs)
+        c = config
+        self.norm = layer_norm(c, "norm", self.dtype_policy)
+        self.query_norm = self.key_norm = None
+        if c.qk_norm:
+            self.query_norm = layer_norm(c, "query_norm", self.dtype_policy)
+            self.key_norm = layer_norm(c, "key_norm", self.dtype_policy)
+        self.qkv_mlp_in = FusedInProjection(c, name="qkv_mlp_in", dtype=self.dtype_policy)
+        self.attn_mlp_out = TokenDense(
+            c.width, use_bias=c.attn_out_bias or c.mlp_bias, name="attn_mlp_out",
+            dtype=self.dtype_policy)
+        self.dropout = keras.layers.Dropout(c.dropout_rate, dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        c = self.config
+        self.norm.build(input_shape)
+        if self.query_norm is not None:
+            head_shape = tuple(input_shape[:-1]) + (c.num_heads, c.head_dim)
+            self.query_norm.build(head_shape)
+            self.key_norm.build(head_shape)
+        self.qkv_mlp_in.build(input_shape)
+        self.attn_mlp_out.build(tuple(input_shape[:-1]) + (c.width + c.mlp_dim,))
+
+    def forward(self, x, training=None):
+        c = self.config
+        qkv, hidden = self.qkv_mlp_in(self.norm(x))
+        q, k, v = ops.split(qkv, 3, axis=-1)
+        attended = attend(q, k, v, c.num_heads, self.query_norm, self.key_norm)
+        hidden = self.dropout(gelu(hidden, c.gelu), training=training)
+        out = self.attn_mlp_out(ops.concatenate([attended, hidden], axis=-1))
+        return x + self.dropout(out, training=training)

@@ -1,0 +1,86 @@
+"""TokenDense: a projection applied to every token as one rank-2 matmul.
+
+Why not `keras.layers.Dense` or an einsum: on a (B, N, D) input their weight
+gradient contracts two axes (batch and tokens) at once, which XLA lowers to a
+transposing copy that costs a quarter of a ViT training step on CPU (see
+PERF-NOTES.md). Flattening to (B*N, D) first makes every gradient a plain
+matmul.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+
+class FusedXavierUniform(keras.initializers.Initializer):
+    """Xavier-uniform for a kernel that fuses several projections.
+
+    A fused (D, 3D) QKV kernel initialised as one matrix would get a smaller
+    range than big_vision's three separate (D, D) kernels; this uses the fan
+    of one part so the fused kernel has the same distribution.
+
+    Args:
+        parts: how many equal projections the output axis holds.
+        seed: random seed.
+    """
+
+    def __init__(self, parts=1, seed=None):
+        self.parts = parts
+        self.seed = seed
+
+    def __call__(self, shape, dtype=None):
+        fan_in, fan_out = math.prod(shape[:-1]), shape[-1] // self.parts
+        limit = math.sqrt(6.0 / (fan_in + fan_out))
+        return keras.random.uniform(shape, -limit, limit, dtype=dtype, seed=self.seed)
+
+    def get_config(self):
+        return {"parts": self.parts, "seed": self.seed}
+
+
+class TokenDense(keras.layers.Layer):
+    """y = x @ kernel + bias over the last axis, for inputs of any rank.
+
+    Args:
+        units: output width.
+        use_bias: add a bias.
+        kernel_initializer, bias_initializer: Keras initializers.
+
+    Example:
+    ```python
+    proj = TokenDense(96)
+    proj(keras.ops.ones((2, 197, 32))).shape  # (2, 197, 96)
+    ```
+    """
+
+    def __init__(self, units, use_bias=True, kernel_initializer="glorot_uniform",
+                 bias_initializer="zeros", **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.use_bias = use_bias
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(
+            name="kernel", shape=(input_shape[-1], self.units),
+            initializer=self.kernel_initializer)
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(
+                name="bias", shape=(self.units,), initializer=self.bias_initializer)
+
+    def call(self, x):
+        return project(x, self.kernel, self.bias)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.units,)
+
+
+def project(x, kernel, bias=None):
+    """Applies a 2D kernel to the last axis of x through one rank-2 matmul."""
+    leading = ops.shape(x)[:-1]
+    y = ops.matmul(ops.reshape(x, (-1, ops.shape(x)[-1])), kernel)
+    if bias is not None:
+        y = y + bias
+    return ops.reshape(y, tuple(leading) + (ops.shape(kernel)[-1],))

@@ -1,0 +1,52 @@
+"""The transformer MLP: Dense -> GELU -> Dense (big_vision's MlpBlock)."""
+
+import keras
+from keras import ops
+
+from keras_vitscale.layers.dense import TokenDense
+
+# big_vision initialises MLP biases with normal(1e-6), not zeros.
+MLP_BIAS_INIT = keras.initializers.RandomNormal(stddev=1e-6)
+
+
+def gelu(x, flavour):
+    """GELU: "tanh" approximation (big_vision) or "exact" erf form (timm)."""
+    return ops.gelu(x, approximate=(flavour == "tanh"))
+
+
+class MLP(keras.layers.Layer):
+    """Two projections with a GELU between them.
+
+    Args:
+        hidden_dim: inner width.
+        use_bias: biases on both projections.
+        gelu_flavour: "tanh" or "exact".
+        dropout_rate: dropout after the activation and after the output.
+
+    Example:
+    ```python
+    mlp = MLP(hidden_dim=128)
+    mlp(keras.ops.ones((2, 17, 32))).shape  # (2, 17, 32)
+    ```
+    """
+
+    def __init__(self, hidden_dim, use_bias=True, gelu_flavour="tanh", dropout_rate=0.0,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_dim = hidden_dim
+        self.gelu_flavour = gelu_flavour
+        self.use_bias = use_bias
+        self.dropout = keras.layers.Dropout(dropout_rate, dtype=self.dtype_policy)
+        self.dense_1 = self.dense_2 = None
+
+    def build(self, input_shape):
+        self.dense_1 = TokenDense(self.hidden_dim, use_bias=self.use_bias, name="dense_1",
+                                  bias_initializer=MLP_BIAS_INIT, dtype=self.dtype_policy)
+        self.dense_2 = TokenDense(input_shape[-1], use_bias=self.use_bias, name="dense_2",
+                                  bias_initializer=MLP_BIAS_INIT, dtype=self.dtype_policy)
+        self.dense_1.build(input_shape)
+        self.dense_2.build(tuple(input_shape[:-1]) + (self.hidden_dim,))
+
+    def call(self, x, training=None):
+        h = self.dropout(gelu(self.dense_1(x), self.gelu_flavour), training=training)
+        return self.dropout(self.dense_2(h), training=training)
