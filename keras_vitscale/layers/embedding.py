@@ -141,9 +141,8 @@ def resample_grid(embedding, old_grid, new_grid, method="linear"):
         grid = _linear_align_corners(grid, 0, new_grid[0])
         grid = _linear_align_corners(grid, 1, new_grid[1])
     elif method == "bicubic":
-        grid = ops.convert_to_numpy(ops.image.resize(
-            grid[None], new_grid, interpolation="bicubic", antialias=True,
-            data_format="channels_last"))[0]
+        grid = _bicubic_antialias(grid, 0, new_grid[0])
+        grid = _bicubic_antialias(grid, 1, new_grid[1])
     else:
         raise ValueError(f"Unknown resample method {method!r}; use 'linear' or 'bicubic'.")
     grid = grid.reshape(1, new_grid[0] * new_grid[1], -1)
@@ -163,3 +162,34 @@ def _linear_align_corners(array, axis, new_size):
     high = np.clip(low + 1, 0, old_size - 1)
     frac = (positions - low).reshape([-1 if a == axis else 1 for a in range(array.ndim)])
     return np.take(array, low, axis) * (1 - frac) + np.take(array, high, axis) * frac
+
+
+def _cubic(x, a=-0.5):
+    # Keys' cubic kernel with a = -0.5: the antialiased (PIL-style) bicubic
+    # that PyTorch runs for timm's resample_abs_pos_embed uses this value.
+    x = np.abs(x)
+    return np.where(
+        x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+        np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+
+
+def _bicubic_antialias(array, axis, new_size):
+    """Bicubic resize along one axis, half-pixel centres, antialiased when
+    shrinking (the kernel is stretched by the scale and renormalised)."""
+    old_size = array.shape[axis]
+    if old_size == new_size:
+        return array
+    scale = old_size / new_size
+    support = 2.0 * max(scale, 1.0)
+    stretch = max(scale, 1.0)
+    centres = (np.arange(new_size) + 0.5) * scale
+    weights = np.zeros((new_size, old_size))
+    for i, centre in enumerate(centres):
+        lo = max(int(centre - support + 0.5), 0)
+        hi = min(int(centre + support + 0.5), old_size)
+        taps = np.arange(lo, hi)
+        w = _cubic((taps + 0.5 - centre) / stretch)
+        weights[i, lo:hi] = w / w.sum()
+    moved = np.moveaxis(array, axis, 0)
+    out = np.tensordot(weights, moved, axes=(1, 0))
+    return np.moveaxis(out, 0, axis)

@@ -1,0 +1,35 @@
+"""Shared test set-up: one Keras backend per pytest process (KERAS_BACKEND)."""
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+# TensorFlow is imported by the data pipelines on every backend; keep it quiet
+# and off the GPU-less machine's logs.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+
+
+def pytest_report_header(config):
+    return f"keras backend: {keras.backend.backend()} (keras {keras.version()})"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(0)
+    yield
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def random_images(config, batch=2, seed=0):
+    """Images in [-1, 1] for a ViTConfig."""
+    rng = np.random.default_rng(seed)
+    shape = (batch, *config.image_size, config.in_channels)
+    return rng.uniform(-1, 1, shape).astype("float32")
