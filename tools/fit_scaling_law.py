@@ -1,0 +1,101 @@
+"""Fits E = a (C + d)^-b + c to a CSV of runs and plots it on log-log axes.
+
+Example:
+    python tools/fit_scaling_law.py runs.csv --out fit.png
+    python tools/fit_scaling_law.py runs.csv --compute-column core_days \\
+        --error-column imagenet_10shot_error --out fit.png
+"""
+
+import argparse
+import csv
+import sys
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=(
+            "Fit the Scaling ViT double-saturating power law "
+            "E = a (C + d)^-b + c (and a plain E = a C^-b for contrast) to "
+            "(compute, error) pairs from a CSV file with a header row; print "
+            "the parameters with standard errors and draw points and curves "
+            "on log-log axes."
+        ),
+        epilog="Example: python tools/fit_scaling_law.py runs.csv --out fit.png",
+    )
+    parser.add_argument("csv", help="CSV file with a header row, one run per line.")
+    parser.add_argument("--out", default="fit.png", help="image to write (default: fit.png; .png, .pdf or .svg).")
+    parser.add_argument("--compute-column", default="compute", help="column holding compute, any positive unit (default: compute).")
+    parser.add_argument("--error-column", default="error", help="column holding the error, e.g. 1 - accuracy (default: error).")
+    parser.add_argument("--no-shift", action="store_true", help="hold d = 0 and fit E = a C^-b + c (3 parameters).")
+    parser.add_argument("--title", default=None, help="plot title (default: the CSV file name).")
+    parser.add_argument("--extrapolate", type=float, default=10.0, help="draw the curves up to this factor beyond the largest compute (default: 10).")
+    return parser.parse_args(argv)
+
+
+def read_columns(path, compute_column, error_column):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in (compute_column, error_column) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise SystemExit(
+                f"{path}: no column {missing[0]!r}; the header has "
+                f"{reader.fieldnames}. Pick columns with --compute-column and "
+                "--error-column."
+            )
+        compute, error = [], []
+        for line, row in enumerate(reader, start=2):
+            try:
+                compute.append(float(row[compute_column]))
+                error.append(float(row[error_column]))
+            except (TypeError, ValueError):
+                raise SystemExit(
+                    f"{path}:{line}: {row[compute_column]!r}, {row[error_column]!r} "
+                    "is not a pair of numbers; fix or delete that line."
+                )
+    return compute, error
+
+
+def plot(fit, compute, error, out, title, extrapolate, labels=("compute", "error")):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid = np.geomspace(min(compute) / 2, max(compute) * extrapolate, 200)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter(compute, error, color="black", zorder=3, label="runs")
+    ax.plot(grid, fit.predict(grid), color="C0", label=f"E = {fit.form}, b = {fit.b:.3g}")
+    ax.plot(grid, fit.plain.predict(grid), "--", color="C1", label=f"E = a*C^-b, b = {fit.plain.b:.3g}")
+    if fit.c > 0:
+        ax.axhline(fit.c, color="C0", linestyle=":", label=f"c = {fit.c:.3g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # Imported after parsing so that --help answers without loading Keras.
+    from keras_vitscale.scaling import fit_power_law
+
+    compute, error = read_columns(args.csv, args.compute_column, args.error_column)
+    try:
+        fit = fit_power_law(compute, error, fit_shift=not args.no_shift)
+    except ValueError as e:
+        raise SystemExit(f"{args.csv}: {e}")
+    print(fit)
+    plot(fit, compute, error, args.out, args.title or args.csv, args.extrapolate,
+         labels=(args.compute_column, args.error_column))
+    print(f"wrote {args.out}")
+    return fit
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
