@@ -129,23 +129,32 @@ def read_directory_config(directory):
             f"Preset directory {str(directory)!r} is missing {missing}; a preset "
             f"directory needs {CONFIG_FILE}, {METADATA_FILE} and the weights, as "
             "written by model.save_to_preset(directory).")
+    return read_config_file(directory / CONFIG_FILE)
+
+
+def read_config_file(path):
+    """Reads and checks a preset's config.json on its own; returns ViTConfig.
+
+    The Hub loader calls this before downloading any weights.
+    """
+    path = Path(path)
     try:
-        with open(directory / CONFIG_FILE) as f:
+        with open(path) as f:
             data = json.load(f)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{directory / CONFIG_FILE} is not valid JSON ({err}).") from err
+        raise ValueError(f"{path} is not valid JSON ({err}).") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{directory / CONFIG_FILE} must hold a JSON object.")
+        raise ValueError(f"{path} must hold a JSON object.")
     module, class_name = data.get("module"), data.get("class_name")
     # Refuse rather than import: a config naming another class could make a
     # loader execute code from the download.
     if module != "keras_vitscale" or class_name != "ViT":
         raise ValueError(
-            f"{directory / CONFIG_FILE} names class {module}.{class_name}; only "
+            f"{path} names class {module}.{class_name}; only "
             "keras_vitscale.ViT presets are loaded (nothing named in a downloaded "
             "file is ever imported or executed).")
     if not isinstance(data.get("config"), dict):
-        raise ValueError(f"{directory / CONFIG_FILE} has no 'config' object.")
+        raise ValueError(f"{path} has no 'config' object.")
     return ViTConfig.from_dict(data["config"])
 
 

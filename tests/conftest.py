@@ -9,6 +9,9 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 # TensorFlow is imported by the data pipelines on every backend; keep it quiet
 # and off the GPU-less machine's logs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# No test may reach the internet: huggingface_hub (imported by Keras) would
+# otherwise send telemetry on its first request.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import keras  # noqa: E402
 

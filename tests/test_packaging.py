@@ -1,0 +1,54 @@
+"""The wheel: a non-editable install, run from elsewhere, has every preset."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+CHECK = r"""
+import json, math, sys
+import keras_vitscale as kvs
+from keras_vitscale import presets
+assert "site" in kvs.__file__, kvs.__file__
+names = sorted(kvs.ViT.presets)
+built = []
+for name in names:
+    cfg = presets.builtin_config(name)
+    assert cfg.count_params() == kvs.ViT.presets[name]["metadata"]["params"], name
+    if cfg.count_params() < 100e6:
+        model = kvs.ViT.from_preset(name, load_weights=False)
+        assert model.count_params() == cfg.count_params()
+    elif cfg.replace(depth=1).count_params() < 200e6:
+        # Too large for a CI machine: build a one-block slice, full width.
+        model = kvs.ViT(config=cfg.replace(depth=1))
+        assert model.count_params() == cfg.replace(depth=1).count_params()
+    else:  # ViT-22B: even one block is 0.45B parameters; shapes only.
+        assert cfg.replace(depth=1).count_params() < cfg.count_params()
+    built.append(name)
+print(json.dumps(built))
+"""
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax",
+                    reason="packaging is backend-independent; checked once, on jax")
+def test_wheel_ships_presets_and_builds_them(tmp_path):
+    wheel_dir, site = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                    "--no-build-isolation", "-w", str(wheel_dir), str(REPO)], check=True)
+    wheels = list(wheel_dir.glob("keras_vitscale-*.whl"))
+    assert len(wheels) == 1
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--target", str(site), str(wheels[0])], check=True)
+    assert sorted(p.name for p in (site / "keras_vitscale" / "presets").glob("*.json"))
+    env = {**os.environ, "PYTHONPATH": str(site), "KERAS_BACKEND": "jax"}
+    out = subprocess.run([sys.executable, "-c", CHECK], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    built = out.stdout.strip().splitlines()[-1]
+    for name in ["vit_ti16", "vit_g14", "vit_bigG14", "vit_22b14"]:
+        assert name in built
