@@ -9,8 +9,21 @@ model = kvs.ViT.from_preset("vit_s16", num_classes=10)
 
 __version__ = "0.1.0"
 
-from keras_vitscale import config, layers
+from keras_vitscale import (
+    config,
+    convert,
+    evaluation,
+    hub,
+    layers,
+    memory,
+    optimizers,
+    scaling,
+    schedules,
+)
 from keras_vitscale.config import ViTConfig
 from keras_vitscale.model import ViT
 
-__all__ = ["ViT", "ViTConfig", "config", "layers", "__version__"]
+__all__ = [
+    "ViT", "ViTConfig", "config", "convert", "evaluation", "hub", "layers", "memory",
+    "optimizers", "scaling", "schedules", "__version__",
+]
