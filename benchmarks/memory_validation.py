@@ -126,7 +126,9 @@ def report(rows, device):
                 f"Note: XLA's temporaries for {case} are the same with and without "
                 "remat, although the traced program does hold the blocks' "
                 "jax.checkpoint (remat) regions: XLA's CPU buffer assignment did "
-                "not turn them into a lower peak here; a pure-JAX 12-block MLP with jax.checkpoint per block shows the same on this CPU (408 MiB with and without). Not checked on GPU/TPU. "
+                "not turn them into a lower peak here; a pure-JAX 12-block MLP "
+                "with jax.checkpoint per block shows the same on this CPU (408 "
+                "MiB with and without). Not checked on GPU/TPU. "
                 "The estimate's remat row shows what per-block remat saves when "
                 "the compiler honours it.")
     return "\n".join([f"Device: {device}. Float32 parameters and activations, "
