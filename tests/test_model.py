@@ -158,3 +158,28 @@ def test_builds_from_explicit_sizes_and_config():
     assert again.config.num_classes == 7 and again.config.width == 48
     with pytest.raises(ValueError, match="either variant= or config="):
         kvs.ViT(variant="mu/8", config=model.config)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="inspects XLA's compiled HLO")
+@pytest.mark.parametrize("fields", [dict(), dict(block="parallel", qk_norm=True, pooling="map")])
+def test_training_step_has_only_rank2_weight_gradient_dots(fields):
+    # PERF-NOTES rule 1: a dot contracting two axes at once (batch and
+    # tokens) becomes a slow transposing copy in XLA's backward pass.
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    model = kvs.ViT(**TINY, depth=2, **fields)
+    trainable = [v.value for v in model.trainable_variables]
+    frozen = [v.value for v in model.non_trainable_variables]
+    images = jnp.asarray(random_images(model.config, batch=4))
+
+    def loss(trainable):
+        logits, _ = model.stateless_call(trainable, frozen, images, training=True)
+        return jnp.sum(logits**2)
+
+    hlo = jax.jit(jax.grad(loss)).lower(trainable).compile().as_text()
+    contractions = re.findall(r"lhs_contracting_dims=\{([0-9,]*)\}", hlo)
+    assert contractions, "no dot found: the check would pass vacuously"
+    assert all("," not in dims for dims in contractions), sorted(set(contractions))
