@@ -13,6 +13,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # otherwise send telemetry on its first request.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+# timm pulls torch._dynamo and triton; imported after TensorFlow that chain
+# segfaults, so the outside references load first.
+try:
+    import timm  # noqa: F401, E402
+except ImportError:
+    pass
+
 import keras  # noqa: E402
 
 

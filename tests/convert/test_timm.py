@@ -1,0 +1,257 @@
+"""timm -> kvs.ViT: the same logits, the same parameter count, clear errors.
+
+timm (PyTorch, eval mode) is the outside judge. Its parameters are redrawn
+at random so that its zero-initialised heads, biases and class tokens cannot
+hide a wrong mapping.
+"""
+
+import copy
+import functools
+import importlib.util
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+# conftest imports timm before Keras: imported after TensorFlow, timm's
+# torchvision -> torch._dynamo -> triton chain segfaults.
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+
+import keras_vitscale as kvs  # noqa: E402
+from keras_vitscale import convert  # noqa: E402
+from keras_vitscale.convert import timm as timm_convert  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+TOL = 1e-4  # float32, max |logit difference|
+
+
+def randomize(model, seed=0):
+    """Redraws every parameter as randn * 0.02; LayerNorm scales as 1 + that.
+
+    Why not randn * 0.02 for the scales too: every LayerNorm would then shrink
+    its output 50-fold and the logits to ~1e-3, under which a 1e-4
+    tolerance would hide real mistakes.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                noise = 0.02 * torch.randn(param.shape, generator=generator)
+                is_scale = isinstance(module, torch.nn.LayerNorm) and name == "weight"
+                param.copy_(1.0 + noise if is_scale else noise)
+    return model.eval()
+
+
+def small_timm(**kwargs):
+    args = dict(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=4,
+                num_classes=10)
+    args.update(kwargs)
+    return randomize(timm.models.VisionTransformer(**args))
+
+
+def images_for(config, batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, *config.image_size, config.in_channels)).astype("float32")
+
+
+def timm_outputs(timm_model, images, pre_logits=False):
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2))
+    with torch.no_grad():
+        if pre_logits:
+            return timm_model.forward_head(timm_model.forward_features(x), pre_logits=True).numpy()
+        return timm_model(x).numpy()
+
+
+def run(model, images):
+    if keras.backend.backend() == "jax":
+        # One XLA compile of the whole graph costs half the CPU of compiling
+        # every op of an eager call.
+        return keras.ops.convert_to_numpy(model.predict_on_batch(images))
+    return keras.ops.convert_to_numpy(model(images, training=False))
+
+
+def max_diff(model, timm_model, batch=2, pre_logits=False):
+    images = images_for(model.config, batch)
+    ours = run(model, images)
+    theirs = timm_outputs(timm_model, images, pre_logits)
+    assert ours.shape == theirs.shape
+    diff = float(np.max(np.abs(ours - theirs)))
+    # Some small models have logits ~0.03, where TOL alone is loose: their
+    # differences must also be tiny relative to the logits.
+    assert diff <= 1e-3 * float(np.max(np.abs(theirs)))
+    return diff
+
+
+def timm_count(timm_model):
+    return sum(p.numel() for p in timm_model.parameters())
+
+
+# ---- standard timm models (built once per module) ----------------------------
+@pytest.fixture(scope="module")
+def vit_ti():
+    source = randomize(timm.create_model("vit_tiny_patch16_224", pretrained=False))
+    return source, convert.from_timm(source)
+
+
+@pytest.fixture(scope="module")
+def vit_s():
+    source = randomize(timm.create_model("vit_small_patch16_224", pretrained=False))
+    return source, convert.from_timm(source)
+
+
+@pytest.mark.parametrize("fixture, params", [("vit_ti", 5_717_416), ("vit_s", 22_050_664)])
+def test_standard_models_match_timm(fixture, params, request):
+    source, model = request.getfixturevalue(fixture)
+    assert model.config.gelu == "exact" and model.config.posemb_covers_class_token
+    assert timm_count(source) == params == model.count_params() == model.config.count_params()
+    assert max_diff(model, source, batch=2 if fixture == "vit_ti" else 1) <= TOL
+
+
+@pytest.mark.parametrize("fixture", ["vit_ti", "vit_s"])
+def test_state_dict_settings_equal_module_settings(fixture, request):
+    # num_heads comes from the VARIANTS table (Ti: 3, S: 6) for a bare state dict.
+    source, model = request.getfixturevalue(fixture)
+    assert timm_convert.config_from_state_dict(source.state_dict()) == model.config
+
+
+# ---- small custom models: one feature each -------------------------------------
+CUSTOM = {
+    "map": (dict(global_pool="map", class_token=False), dict(pooling="map")),
+    "qk_norm": (dict(qk_norm=True), dict(qk_norm=True)),
+    "avg_fc_norm_no_embed_class": (
+        dict(global_pool="avg", no_embed_class=True),
+        dict(pooling="gap", norm_position="after_pool", posemb_covers_class_token=False)),
+    "non_square_tanh_eps_no_bias": (
+        dict(img_size=(48, 80), patch_size=(8, 16), act_layer="gelu_tanh", qkv_bias=False,
+             proj_bias=False, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-5)),
+        dict(image_size=(48, 80), patch_size=(8, 16), gelu="tanh", layer_norm_epsilon=1e-5,
+             qkv_bias=False, attn_out_bias=False, mlp_bias=False)),
+    "no_posemb_no_pool": (dict(pos_embed="none", global_pool=""),
+                          dict(posemb="none", pooling="none")),
+}
+
+
+@pytest.fixture(scope="module")
+def custom_timm():
+    return {name: small_timm(**kwargs) for name, (kwargs, _) in CUSTOM.items()}
+
+
+@pytest.fixture(scope="module")
+def custom_converted(custom_timm):
+    return {name: convert.from_timm(source) for name, source in custom_timm.items()}
+
+
+@pytest.mark.parametrize("name", sorted(CUSTOM))
+def test_custom_models_match_timm(name, custom_timm, custom_converted):
+    source, model, expected = custom_timm[name], custom_converted[name], CUSTOM[name][1]
+    assert {k: getattr(model.config, k) for k in expected} == expected
+    assert model.count_params() == timm_count(source)
+    assert max_diff(model, source) <= TOL
+
+
+def test_wrong_settings_exceed_the_tolerance(custom_timm, custom_converted):
+    # The parity test can fail: the same weights with timm's default LayerNorm
+    # epsilon (1e-6 instead of this model's 1e-5) move the logits past TOL.
+    name = "non_square_tanh_eps_no_bias"
+    source = copy.deepcopy(custom_timm[name])
+    for module in source.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = 1e-6
+    model = custom_converted[name]
+    images = images_for(model.config)
+    assert np.max(np.abs(run(model, images) - timm_outputs(source, images))) > 5 * TOL
+
+
+@pytest.mark.parametrize("name", sorted(CUSTOM))
+def test_state_dict_settings_match_module_settings(name, custom_timm, custom_converted):
+    # What a bare state dict cannot record is passed; the rest is inferred
+    # (num_heads from the q_norm width for the qk-norm model).
+    given = {"non_square_tanh_eps_no_bias": dict(
+                 image_size=(48, 80), gelu="tanh", layer_norm_epsilon=1e-5, num_heads=4),
+             "no_posemb_no_pool": dict(image_size=64, pooling="none", num_heads=4),
+             "map": dict(num_heads=4), "avg_fc_norm_no_embed_class": dict(num_heads=4)}
+    config = timm_convert.config_from_state_dict(custom_timm[name].state_dict(),
+                                                 **given.get(name, {}))
+    assert config == custom_converted[name].config
+
+
+def test_state_dict_path_matches_timm(custom_timm):
+    # num_heads from the q_norm width; num_classes=0 drops the head.
+    source = custom_timm["qk_norm"]
+    model = convert.from_timm(source.state_dict(), num_classes=0)
+    assert model.config.num_heads == 4
+    assert not any(v.path.startswith("head/") for v in model.weights)
+    assert max_diff(model, source, pre_logits=True) <= TOL
+
+
+# ---- errors ---------------------------------------------------------------------
+def test_unsupported_options_are_named():
+    with pytest.raises(ValueError, match=r"LayerScale"):
+        convert.from_timm(small_timm(init_values=1e-5))
+    with pytest.raises(ValueError, match=r"LayerScale"):
+        convert.from_timm(small_timm(init_values=1e-5).state_dict(), num_heads=4)
+    with pytest.raises(ValueError, match=r"register tokens \(reg_tokens=4\)"):
+        convert.from_timm(small_timm(reg_tokens=4, class_token=False, global_pool="avg"))
+    with pytest.raises(ValueError, match=r"class_token=True with global_pool='map'"):
+        convert.from_timm(small_timm(global_pool="map"))
+    with pytest.raises(ValueError, match=r"pre_norm=True"):
+        convert.from_timm(small_timm(pre_norm=True))
+    with pytest.raises(TypeError, match=r"timm.models.VisionTransformer; got .*Linear"):
+        convert.from_timm(torch.nn.Linear(2, 2))
+
+
+def test_unknown_and_mismatched_keys_are_listed(custom_timm):
+    state = dict(custom_timm["qk_norm"].state_dict())
+    state["blocks.1.attn.extra.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"1 timm key\(s\) the model has no variable for: "
+                                         r"\['blocks.1.attn.extra.weight'\]"):
+        convert.from_timm(state)
+    state = dict(custom_timm["qk_norm"].state_dict())
+    state["blocks.1.mlp.fc1.weight"] = torch.zeros(100, 64)
+    with pytest.raises(ValueError, match=r"blocks.1.mlp.fc1.weight \(100, 64\) -> "
+                                         r"encoder_block_1/mlp/dense_1/kernel needs \(64, 256\)"):
+        convert.from_timm(state)
+
+
+def test_missing_settings_ask_for_them(custom_timm):
+    with pytest.raises(ValueError, match=r"Cannot infer num_heads .* width 64, depth 2, "
+                                         r"mlp_dim 256.*Pass num_heads="):
+        convert.from_timm(custom_timm["map"].state_dict())
+    with pytest.raises(ValueError, match=r"pos_embed length 31 is not a square grid.*"
+                                         r"pass image_size="):
+        convert.from_timm(custom_timm["non_square_tanh_eps_no_bias"].state_dict(), num_heads=4)
+
+
+# ---- the command-line tool ---------------------------------------------------------
+def load_tool():
+    spec = importlib.util.spec_from_file_location("convert_tool", ROOT / "tools" / "convert.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_convert_tool_writes_a_checked_preset(tmp_path, capsys, custom_timm):
+    from safetensors.torch import save_file
+
+    tool = load_tool()
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["--help"])
+    assert exit_info.value.code == 0 and "--pretrained" in capsys.readouterr().out
+
+    source = custom_timm["map"]
+    checkpoint = tmp_path / "tiny_map.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(checkpoint))
+    tool.main(["--from", "timm", str(checkpoint), "--num-heads", "4",
+               "--to", str(tmp_path / "preset")])
+    out = capsys.readouterr().out
+    diff = float(out.split("max |logit difference| vs timm: ")[1].split()[0])
+    assert diff <= TOL
+    model = kvs.ViT.from_preset(str(tmp_path / "preset"))
+    assert model.config.pooling == "map" and model.config.num_heads == 4
+    # The preset holds the timm weights (the tool checked the logits above).
+    expected = timm_convert.convert_state_dict(source.state_dict(), model.config)
+    for variable in model.weights:
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable),
+                                      expected[variable.path], err_msg=variable.path)
