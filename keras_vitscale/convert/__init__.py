@@ -5,7 +5,11 @@ Example:
 import timm
 from keras_vitscale import convert
 model = convert.from_timm(timm.create_model("vit_small_patch16_224"))
+model = convert.from_big_vision("vit_b16.npz:params/img", variant="B/16")
+model = convert.from_transformers("path/to/saved_vit")   # ViTForImageClassification
 ```
 """
 
+from keras_vitscale.convert.big_vision import from_big_vision
 from keras_vitscale.convert.timm import from_timm
+from keras_vitscale.convert.transformers import from_transformers

@@ -128,19 +128,21 @@ def load_npz(path):
         raise FileNotFoundError(f"No .npz checkpoint at {path!r}.")
     try:
         # allow_pickle=False: an .npz of object arrays would run code on load.
-        npz = np.load(path, allow_pickle=False)
-        if not isinstance(npz, np.lib.npyio.NpzFile):
-            raise ValueError(f"it holds one {npz.dtype} array of shape {npz.shape}, "
-                             "not named parameters")
-        with npz:
-            # Read every member now: a damaged one fails here, not mid-copy.
-            arrays = {key: npz[key] for key in npz.files}
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                # Read every member now: a damaged one fails here, not mid-copy.
+                arrays = {key: loaded[key] for key in loaded.files}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
         raise ValueError(
             f"Cannot read {path!r} as an .npz checkpoint ({type(error).__name__}: "
             f"{error}). The file is truncated or corrupt (an interrupted download or "
             "copy?); fetch or save it again and compare its size with the source."
         ) from error
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path!r} holds one {loaded.dtype} array of shape {loaded.shape} "
+                         "(np.save), not named parameters; save the checkpoint with "
+                         "np.savez(path, **{name: array}) as big_vision does.")
     root = _find_root(arrays, subtree, path)
     params = {k[len(root):]: v for k, v in arrays.items() if k.startswith(root)}
     if len(params) < len(arrays):
@@ -231,7 +233,7 @@ def config_from_params(params, variant=None, **overrides):
     if "Transformer/encoderblock_0/LayerNorm_0/scale" not in params:
         raise ValueError("The checkpoint has no Transformer/encoderblock_0 (nor a scanned "
                          "Transformer/encoderblock); nothing to convert.")
-    ln1, attn, _, mlp = _block_modules(params)
+    _, attn, _, mlp = _block_modules(params)
     block = "Transformer/encoderblock_0/"
     ph, pw, channels, width = params["embedding/kernel"].shape
     num_heads = params[f"{block}{attn}/query/kernel"].shape[1]
@@ -346,7 +348,8 @@ def convert_params(params, config, drop_head=False):
     return gather_weights(
         config, params, recipe, source_name="big_vision",
         skip=("head/",) if drop_head else (),
-        ignored={"head/kernel": "a fresh head", "head/bias": "a fresh head"}
+        # With num_classes=0 the config has no head for these keys to fill.
+        ignored={k: "the source's head, replaced" for k in ("head/kernel", "head/bias")}
         if drop_head else None,
         hint="Check variant= and the overrides (image_size, pooling), or leave out "
              "variant= to read the shapes from the checkpoint.")

@@ -115,13 +115,17 @@ def from_transformers(source, variant=None, *, use_pooler=False, name="vit", dty
 def load_checkpoint(source):
     """(config dict, {file-format name: array}) of a model object or directory.
 
+    Args:
+        source: a `ViTForImageClassification` / `ViTModel` object, or the
+            directory `save_pretrained` wrote (or a file inside it).
+
     Raises:
         ValueError: a truncated or corrupt safetensors file, a missing
             config.json, or only pickled (.bin) weights.
     """
-    if hasattr(source, "state_dict") and hasattr(source, "config"):
+    if hasattr(source, "state_dict"):  # a model object, not a path
         kind = type(source).__name__
-        if kind not in _ARCHITECTURES:
+        if kind not in _ARCHITECTURES or not hasattr(source, "config"):
             raise TypeError(f"from_transformers converts {' and '.join(_ARCHITECTURES)}; got "
                             f"{kind}. Other ViT-like models (DeiT, BEiT, Dinov2) have "
                             "extra tokens or layers that ViTConfig does not express.")
@@ -162,9 +166,12 @@ def _weight_files(directory):
 
 
 def _read_safetensors(path):
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
+    try:
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+    except ImportError as error:
+        raise ImportError("Reading a transformers directory needs safetensors: "
+                          "pip install safetensors (or keras_vitscale[test]).") from error
     try:
         return load_file(path)
     except SafetensorError as error:
@@ -292,8 +299,9 @@ def convert_state(state, config, drop_head=False, use_pooler=False):
     if not use_pooler:
         ignored.update({f"pooler.dense.{p}": "ViTModel's pooler; use_pooler=True keeps it"
                         for p in ("weight", "bias")})
-    if drop_head:
-        ignored.update({f"classifier.{p}": "a fresh head" for p in ("weight", "bias")})
+    if drop_head:  # with num_classes=0 the config has no head for these keys to fill
+        ignored.update({f"classifier.{p}": "the source's head, replaced"
+                        for p in ("weight", "bias")})
     return gather_weights(
         config, state, recipe, source_name="transformers",
         skip=("head/",) if drop_head else (), ignored=ignored,

@@ -1,0 +1,236 @@
+"""`train(settings)`: one pretraining run around `model.fit`, resumable.
+
+Order of work: resolve the config, check the workdir, set up the device
+mesh, build data, model and optimizer, restore the newest valid checkpoint,
+`fit` the remaining steps, then write the preset, curves.png and few-shot
+results. Everything lands in the workdir (see `tools/pretrain.py --help`).
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import keras
+
+from keras_vitscale import data
+from keras_vitscale import schedules
+from keras_vitscale.model import ViT
+from keras_vitscale.training import config as config_lib
+from keras_vitscale.training import distribution
+from keras_vitscale.training import losses
+from keras_vitscale.training.callbacks import RunMonitor
+from keras_vitscale.training.checkpoint import CheckpointManager
+from keras_vitscale.training.errors import IncompatibleWorkdirError
+from keras_vitscale.training.plots import plot_curves
+
+
+def build_optimizer(config, schedule):
+    """The run's optimizer with decoupled body/head weight decay on kernels."""
+    from keras_vitscale import optimizers
+
+    wd, head = float(config["weight_decay"]), config["head_weight_decay"]
+    if head is None:
+        multipliers = {r".*kernel": 1.0}
+    elif wd > 0:
+        # The optimizers take one rate and per-path multipliers: the head's
+        # rate is expressed relative to the body's.
+        multipliers = {r"head/kernel": float(head) / wd, r".*kernel": 1.0}
+    else:
+        wd, multipliers = float(head), {r"head/kernel": 1.0}
+    kwargs = dict(weight_decay=wd, weight_decay_multipliers=multipliers,
+                  global_clipnorm=config["clipnorm"] or None)
+    name = config["optimizer"]
+    if name == "adafactor":
+        return optimizers.ScalingAdafactor(schedule, **kwargs)
+    if name == "adam":
+        return optimizers.BF16Adam(schedule, **kwargs)
+    shampoo = getattr(optimizers, "Shampoo", None)
+    if shampoo is None:
+        raise ValueError("--optimizer shampoo: kvs.optimizers.Shampoo is not available "
+                         "in this version; use adam or adafactor.")
+    return shampoo(schedule, **kwargs)
+
+
+def build_schedule(config):
+    extra = {"timescale": config["rsqrt_timescale"]} if config["schedule"] == "rsqrt" else {}
+    return schedules.create(config["schedule"], config["lr"], config["steps"],
+                            warmup_steps=config["warmup_steps"],
+                            cooldown_steps=config["cooldown_steps"], **extra)
+
+
+def _write_json_atomic(path, value):
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _check_workdir(workdir, config):
+    path = workdir / "config.json"
+    if not path.exists():
+        if (workdir / "checkpoints").is_dir():
+            raise IncompatibleWorkdirError(
+                f"{workdir} has checkpoints but no config.json, so it cannot be checked "
+                "against this run; use a new --workdir.")
+        return False
+    with open(path) as f:
+        old = json.load(f)
+    diffs = config_lib.differences(old, config)
+    if diffs:
+        raise IncompatibleWorkdirError(
+            f"--workdir {workdir} holds a run with a different config; refusing to "
+            "overwrite it. Differences:\n  " + "\n  ".join(diffs)
+            + "\nRerun with the same settings to resume it, or choose a new --workdir.")
+    return True
+
+
+def _trim_metrics(path, step):
+    """Drops metrics logged after `step` (the run died after its checkpoint)."""
+    if not path.exists():
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(rows)
+
+
+def _build_model(config, vit_config):
+    from keras_vitscale import presets
+
+    model = ViT(config=vit_config, dtype=config["dtype_policy"])
+    preset = config.get("preset")
+    if preset and preset not in presets.REGISTRY:  # a preset dir: start from its weights
+        directory = presets.resolve_directory(preset)
+        presets.load_weights_into(model, presets.weights_path(directory),
+                                  source_config=presets.read_directory_config(directory))
+    return model
+
+
+def _fewshot(model, source, config, log):
+    shots = [int(s) for s in str(config["fewshot"]).split(",")]
+    try:
+        from keras_vitscale import evaluation
+    except ImportError:
+        log("Few-shot evaluation skipped: kvs.evaluation is not available.")
+        return None
+    features = keras.Model(model.inputs, model.get_layer("head").input)
+    size = (config["image_size"],) * 2
+    train = data.eval_dataset(source, 256, size, one_hot=False, split=source.train)
+    test = data.eval_dataset(source, 256, size, one_hot=False)
+    x_train, y_train = evaluation.extract_features(features, train, progress=False)
+    x_test, y_test = evaluation.extract_features(features, test, progress=False)
+    return evaluation.fewshot(x_train, y_train, x_test, y_test, shots=shots, seeds=3,
+                              num_classes=source.num_classes)
+
+
+def train(settings, log=None, progress=True):
+    """Runs (or resumes) a pretraining run; returns a summary dict.
+
+    Args:
+        settings: explicit settings (flag names with underscores, None = not
+            given); "workdir" is required. See `tools/pretrain.py --help`.
+        log: a function taking a message (default: print to stdout).
+        progress: show a progress bar.
+
+    Returns:
+        {"step", "val_accuracy", "val_loss", "fewshot" (a FewShotResult or
+        None), "seconds", "resumed_from"}.
+
+    Raises:
+        ValueError: bad settings, named, before any training.
+        IncompatibleWorkdirError: the workdir holds a different run.
+        NonFiniteLossError: the loss became NaN/inf (the step is named).
+        CheckpointError: checkpoints exist but none can be restored.
+
+    Example:
+    ```python
+    from keras_vitscale.training import train
+    summary = train({"workdir": "runs/digits"})    # the embedded digits default
+    summary["val_accuracy"]
+    ```
+    """
+    log = log or (lambda msg: print(msg, flush=True))
+    started = time.perf_counter()
+    config, explicit = config_lib.resolve(settings)
+    if not config.get("workdir"):
+        raise ValueError("--workdir is required: every run writes its config, "
+                         "checkpoints and metrics there.")
+    workdir = Path(config["workdir"]).expanduser()
+    if config["steps"] % config["log_every"]:
+        raise ValueError(f"--steps {config['steps']} is not a multiple of --log-every "
+                         f"{config['log_every']}; use a multiple, e.g. --steps "
+                         f"{config['steps'] - config['steps'] % config['log_every']}.")
+    size = (int(config["image_size"]),) * 2
+    data.parse_augment(config["augment"])  # fail on a bad spec before any work
+    process_index, process_count = distribution.process_info()
+    distribution.setup(config["mesh"], config["batch_size"])
+    source = data.load_source(config["dataset"], config["data_dir"],
+                              num_classes=config.get("num_classes"), image_size=size)
+    config["num_classes"] = source.num_classes
+    vit_config = config_lib.model_config(config, explicit)
+    config["model"] = vit_config.to_dict()
+    if config.get("preset"):
+        config["variant"] = None
+    resuming = _check_workdir(workdir, config)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        _write_json_atomic(workdir / "config.json", config)
+
+    keras.utils.set_random_seed(config["seed"])
+    model = _build_model(config, vit_config)
+    distribution.check_model_parallel(model, config["mesh"])
+    schedule = build_schedule(config)
+    optimizer = build_optimizer(config, schedule)
+    model.compile(optimizer=optimizer, loss=losses.get(config["loss"]),
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    optimizer.build(model.trainable_variables)
+    manager = CheckpointManager(workdir, keep=config["keep_checkpoints"])
+    meta = manager.restore_latest(model, optimizer) if resuming else None
+    start = int(meta["step"]) if meta else 0
+    if resuming:
+        log(f"Resuming from {manager.path(start)} (step {start})." if meta else
+            f"{workdir} has this run's config but no checkpoint yet; starting at step 0.")
+    metrics_path = workdir / "metrics.jsonl"
+    _trim_metrics(metrics_path, start)
+
+    steps, log_every = config["steps"], config["log_every"]
+    train_ds = data.train_dataset(
+        source, config["batch_size"], size, config["seed"], start_step=start,
+        crop=config["train_crop"], flip=config["flip"], augment=config["augment"],
+        label_smoothing=config["label_smoothing"], process_index=process_index,
+        process_count=process_count)
+    eval_ds = data.eval_dataset(source, config["batch_size"], size,
+                                pad_to_batch=bool(config["mesh"]))
+    epochs = steps // log_every
+    eval_epochs = [e for e in range(start // log_every + 1, epochs + 1)
+                   if (e * log_every) % config["eval_every"] == 0 or e == epochs]
+    monitor = RunMonitor(config, start, schedule, manager, metrics_path, progress=progress)
+    if start < steps:
+        log(f"Training {config['model']['variant'] or 'ViT'} ({vit_config.count_params():,} "
+            f"params) on {source.name}: steps {start}->{steps}, batch "
+            f"{config['batch_size']}, backend {keras.backend.backend()}, workdir {workdir}")
+        model.fit(train_ds, epochs=epochs, initial_epoch=start // log_every,
+                  steps_per_epoch=log_every, validation_data=eval_ds,
+                  validation_freq=eval_epochs or 1, callbacks=[monitor], verbose=0)
+        final = json.loads(metrics_path.read_text().strip().splitlines()[-1])
+    else:
+        final = {"step": start, **{f"val_{k}": float(v) for k, v in
+                                  model.evaluate(eval_ds, verbose=0, return_dict=True).items()}}
+    model.save_to_preset(str(workdir / "model"),
+                         metadata={"training": {k: config[k] for k in
+                                                ("recipe", "dataset", "steps", "optimizer",
+                                                 "lr", "schedule", "loss", "seed")}})
+    plot_curves(metrics_path, workdir / "curves.png")
+    summary = {"step": final["step"], "val_accuracy": final.get("val_accuracy"),
+               "val_loss": final.get("val_loss"), "resumed_from": start if resuming else None,
+               "fewshot": None}
+    if config["fewshot"] != "none":
+        result = _fewshot(model, source, config, log)
+        summary["fewshot"] = result
+        if result is not None:
+            _write_json_atomic(workdir / "fewshot.json",
+                               {str(k): v for k, v in result.mean.items()})
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    return summary
+
