@@ -57,7 +57,7 @@ def _build_graph(config, dtype):
         x = L.ClassToken(name="class_token", dtype=dtype)(x)
     if c.posemb_covers_class_token:
         x = add_posemb(x)
-    x = keras.layers.Dropout(c.dropout_rate, name="embedding_dropout", dtype=dtype)(x)
+    x = L.seeded_dropout(c.dropout_rate, name="embedding_dropout", dtype=dtype)(x)
 
     for i in range(c.depth):
         x = _make_block(c, i, dtype)(x)
@@ -84,7 +84,7 @@ def _build_graph(config, dtype):
         x = L.TokenDense(c.representation_size, name="pre_logits", dtype=dtype)(x)
         x = ops.tanh(x)
     if c.num_classes:
-        x = keras.layers.Dropout(c.dropout_rate, name="head_dropout", dtype=dtype)(x)
+        x = L.seeded_dropout(c.dropout_rate, name="head_dropout", dtype=dtype)(x)
         x = L.TokenDense(
             c.num_classes, name="head",
             kernel_initializer="zeros" if c.head_zero_init else "glorot_uniform",

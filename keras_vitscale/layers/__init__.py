@@ -3,6 +3,7 @@
 from keras_vitscale.layers.attention import MultiHeadSelfAttention, attention
 from keras_vitscale.layers.blocks import ParallelBlock, SequentialBlock
 from keras_vitscale.layers.dense import FusedXavierUniform, TokenDense
+from keras_vitscale.layers.dropout import seeded_dropout
 from keras_vitscale.layers.embedding import (
     ClassToken,
     LearnedPositionEmbedding,
@@ -13,3 +14,13 @@ from keras_vitscale.layers.embedding import (
 )
 from keras_vitscale.layers.mlp import MLP
 from keras_vitscale.layers.pooling import MAPHead
+from keras_vitscale.layers.simplest import (
+    ESPAAttention,
+    ScaledUniformOrthogonal,
+    TReLU,
+    VanillaBlock,
+    espa_gammas,
+    espa_target_attention,
+    tat_slope,
+    vanilla_patch_initializer,
+)

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_vitscale.layers.dense import FusedXavierUniform, TokenDense
+from keras_vitscale.layers.dropout import seeded_dropout
 
 
 def _use_xla_cpu_path():
@@ -86,7 +87,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
             self.key_norm = keras.layers.LayerNormalization(
                 epsilon=layer_norm_epsilon, center=norm_bias, name="key_norm",
                 dtype=self.dtype_policy)
-        self.dropout = keras.layers.Dropout(dropout_rate, dtype=self.dtype_policy)
+        self.dropout = seeded_dropout(dropout_rate, dtype=self.dtype_policy)
 
     def build(self, input_shape):
         width = input_shape[-1]

@@ -9,6 +9,7 @@ from keras import ops
 
 from keras_vitscale.layers.attention import MultiHeadSelfAttention, attend
 from keras_vitscale.layers.dense import FusedXavierUniform, TokenDense, project
+from keras_vitscale.layers.dropout import seeded_dropout
 from keras_vitscale.layers.mlp import MLP, MLP_BIAS_INIT, gelu
 
 
@@ -129,7 +130,7 @@ class ParallelBlock(RematBlock):
         self.attn_mlp_out = TokenDense(
             c.width, use_bias=c.attn_out_bias or c.mlp_bias, name="attn_mlp_out",
             dtype=self.dtype_policy)
-        self.dropout = keras.layers.Dropout(c.dropout_rate, dtype=self.dtype_policy)
+        self.dropout = seeded_dropout(c.dropout_rate, dtype=self.dtype_policy)
 
     def build(self, input_shape):
         c = self.config

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_vitscale.layers.dense import TokenDense
+from keras_vitscale.layers.dropout import seeded_dropout
 
 # big_vision initialises MLP biases with normal(1e-6), not zeros.
 MLP_BIAS_INIT = keras.initializers.RandomNormal(stddev=1e-6)
@@ -36,7 +37,7 @@ class MLP(keras.layers.Layer):
         self.hidden_dim = hidden_dim
         self.gelu_flavour = gelu_flavour
         self.use_bias = use_bias
-        self.dropout = keras.layers.Dropout(dropout_rate, dtype=self.dtype_policy)
+        self.dropout = seeded_dropout(dropout_rate, dtype=self.dtype_policy)
         self.dense_1 = self.dense_2 = None
 
     def build(self, input_shape):
