@@ -1,55 +1,82 @@
-"""Convert a timm Vision Transformer into a keras_vitscale preset directory.
+"""Convert a timm, big_vision or transformers ViT into a keras_vitscale preset.
 
-SOURCE is a timm model name (built with random weights, or with timm's
-locally cached pretrained weights under --pretrained; nothing is downloaded)
-or a .pth/.safetensors state dict. The preset (config.json,
-model.weights.h5, metadata.json) loads with kvs.ViT.from_preset(PRESET_DIR).
-When timm is installed the converted model is checked against the source on
-random images and the largest logit difference is printed.
+SOURCE depends on --from:
+  timm          a timm model name (random weights, or timm's locally cached
+                pretrained ones with --pretrained; nothing is downloaded) or
+                a .pth/.safetensors state dict (--num-heads when the shapes
+                do not tell);
+  big_vision    a .npz checkpoint, optionally "ckpt.npz:sub/tree" for one
+                tower of a larger file (--variant checks the shapes);
+  transformers  a directory written by save_pretrained (ViTForImageClassification
+                or ViTModel; --use-pooler keeps ViTModel's pooler).
+The preset (config.json, model.weights.h5, metadata.json) loads with
+kvs.ViT.from_preset(PRESET_DIR). When the source framework is installed the
+converted model is run against it on random images and the largest logit
+(or feature) difference is printed. --push then uploads the preset.
 
 Example:
     python tools/convert.py --from timm vit_small_patch16_224 --to out/vit_s16
-    python tools/convert.py --from timm vit_base_patch16_224.augreg_in21k \\
-        --pretrained --to out/vit_b16_in21k
-    python tools/convert.py --from timm ckpt.safetensors --num-heads 4 --to out/tiny
+    python tools/convert.py --from big_vision vit_b16.npz --variant B/16 --to out/b16
+    python tools/convert.py --from big_vision siglip.npz:params/img --num-classes 0 \\
+        --to out/siglip_tower
+    python tools/convert.py --from transformers saved_vit/ --to out/hf_vit --push org/vit
 """
 
 import argparse
 import importlib.util
+import json
+import os
 import sys
+
+# Options that only one or two source formats take.
+ONLY_FOR = {"pretrained": ("timm",), "num_heads": ("timm",),
+            "variant": ("big_vision", "transformers"), "use_pooler": ("transformers",)}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="Convert a timm VisionTransformer (model name or state-dict file) "
-                    "into a keras_vitscale preset directory and check its logits.",
-        epilog="Example: python tools/convert.py --from timm vit_small_patch16_224 "
-               "--to out/vit_s16",
+        description="Convert a timm, big_vision or transformers Vision Transformer into "
+                    "a keras_vitscale preset directory and check its logits.",
+        epilog=__doc__[__doc__.index("Example:"):],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", metavar="SOURCE",
-                        help="timm model name (e.g. vit_small_patch16_224) or a path to a "
-                             ".pth/.pt/.bin/.safetensors state dict.")
-    parser.add_argument("--from", dest="source_format", required=True, choices=["timm"],
+                        help="timm: model name or state-dict file; big_vision: "
+                             "ckpt.npz[:sub/tree]; transformers: saved directory.")
+    parser.add_argument("--from", dest="source_format", required=True,
+                        choices=["timm", "big_vision", "transformers"],
                         help="library the source comes from.")
     parser.add_argument("--to", dest="preset_dir", required=True, metavar="PRESET_DIR",
                         help="output preset directory (created if needed).")
+    parser.add_argument("--push", metavar="ORG/REPO", default=None,
+                        help="upload the preset to this Hugging Face Hub repo afterwards.")
     parser.add_argument("--pretrained", action="store_true",
-                        help="use timm's pretrained weights for a model name; they must "
-                             "already be in the local cache (never downloads).")
+                        help="timm: use timm's pretrained weights for a model name; they "
+                             "must already be in the local cache (never downloads).")
     parser.add_argument("--num-heads", type=int, default=None,
-                        help="attention heads, for a state dict whose shape does not tell "
-                             "(no qk-norm, not a standard variant).")
+                        help="timm: attention heads, for a state dict whose shapes do not "
+                             "tell (no qk-norm, not a standard variant).")
+    parser.add_argument("--variant", default=None,
+                        help="big_vision/transformers: e.g. B/16; the checkpoint's shapes "
+                             "must match it (default: read them from the checkpoint).")
+    parser.add_argument("--use-pooler", action="store_true",
+                        help="transformers: keep ViTModel's tanh pooler as pre_logits, so "
+                             "the features are pooler_output.")
     parser.add_argument("--image-size", default=None,
-                        help="training resolution of a state dict with a non-square grid, "
-                             "e.g. 224 or 192x320 (height x width).")
+                        help="training resolution when the checkpoint does not record it "
+                             "(non-square grid, fixed sincos posemb), e.g. 224 or 192x320.")
     parser.add_argument("--num-classes", type=int, default=None,
                         help="0 drops the classifier; another count gets a fresh head "
                              "(default: the source's head).")
     parser.add_argument("--no-verify", action="store_true",
-                        help="skip the logit comparison against timm.")
+                        help="skip the comparison against the source framework.")
     parser.add_argument("--verify-batch", type=int, default=2,
                         help="random images in the comparison (default: 2).")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for option, formats in ONLY_FOR.items():
+        if getattr(args, option) not in (None, False) and args.source_format not in formats:
+            parser.error(f"--{option.replace('_', '-')} applies to --from "
+                         f"{' or '.join(formats)}, not --from {args.source_format}.")
+    return args
 
 
 def _image_size(text):
@@ -59,44 +86,167 @@ def _image_size(text):
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
+def convert(args, overrides):
+    """(model, metadata, source classes or None, timm source or None)."""
+    from keras_vitscale import convert as kvs_convert
+    from keras_vitscale.convert import timm as timm_convert
+
+    metadata = {"converted_from": f"{args.source_format}:{args.source}"}
+    if args.source_format == "timm":
+        source = timm_convert.load_source(args.source, pretrained=args.pretrained)
+        if args.num_heads is not None:
+            overrides["num_heads"] = args.num_heads
+        model = timm_convert.from_timm(source, verbose=True, **overrides)
+        metadata["source_weights"] = (
+            "state-dict file" if not hasattr(source, "state_dict")
+            else "timm pretrained" if args.pretrained else "random (not pretrained)")
+        return model, metadata, timm_convert.source_num_classes(source), source
+    if args.source_format == "big_vision":
+        model = kvs_convert.from_big_vision(args.source, variant=args.variant, verbose=True,
+                                            **overrides)
+        path, root = _npz_root(args.source)
+        return model, metadata, _npz_classes(path, root), None
+    model = kvs_convert.from_transformers(args.source, variant=args.variant,
+                                          use_pooler=args.use_pooler, verbose=True,
+                                          **overrides)
+    return model, metadata, _hf_classes(_hf_directory(args.source)), None
+
+
+# ---- verification glue: each returns a difference or why it was skipped --------
+def _npz_root(source):
+    """(file, prefix of the ViT's arrays) as from_big_vision reads "file.npz[:tree]"."""
+    import numpy as np
+
+    path, tree = source, None
+    if not os.path.exists(path) and ":" in path:
+        path, tree = path.rsplit(":", 1)
+    if tree is not None:
+        return path, tree.strip("/") + "/"
+    with np.load(path) as npz:
+        names = set(npz.files)
+    # The roots from_big_vision tries, in its order; it has found one already.
+    return path, next(r for r in ("", "params/", "opt/target/")
+                      if r + "embedding/kernel" in names)
+
+
+def _npz_classes(path, root):
+    import numpy as np
+
+    with np.load(path) as npz:  # reads only the head member
+        key = root + "head/kernel"
+        return npz[key].shape[-1] if key in npz.files else 0
+
+
+def _hf_directory(source):
+    return source if os.path.isdir(source) else os.path.dirname(source) or "."
+
+
+def _hf_classes(directory):
+    """The classifier size save_pretrained recorded (0 for a ViTModel)."""
+    with open(os.path.join(directory, "config.json")) as f:
+        config = json.load(f)
+    if "ViTForImageClassification" not in config.get("architectures", []):
+        return 0
+    return len(config.get("id2label") or {}) or config.get("num_labels", 2)
+
+
+def verify_big_vision(args, model):
+    """Loads the npz into timm with timm's own reader and compares."""
+    from timm.models.vision_transformer import _load_weights
+
+    from keras_vitscale.convert import timm as timm_convert
+
+    try:
+        reference = timm_convert.to_timm(model.config)
+    except ValueError as error:
+        return f"skipped: {error}"
+    path, root = _npz_root(args.source)
+    _load_weights(reference, path, prefix=root)
+    return timm_convert.max_logit_difference(model, reference, batch_size=args.verify_batch)
+
+
+def verify_transformers(args, model):
+    """Loads the directory with transformers itself and compares."""
+    import torch
+    import transformers
+
+    from keras_vitscale.convert import timm as timm_convert
+
+    directory = _hf_directory(args.source)
+    if model.config.num_classes:
+        reference = transformers.ViTForImageClassification.from_pretrained(
+            directory, local_files_only=True)
+        pick = lambda out: out.logits  # noqa: E731
+    else:
+        reference = transformers.ViTModel.from_pretrained(
+            directory, local_files_only=True, add_pooling_layer=args.use_pooler)
+        pick = lambda out: (out.pooler_output if args.use_pooler  # noqa: E731
+                            else out.last_hidden_state[:, 0])
+
+    class Outputs(torch.nn.Module):  # the tensor max_logit_difference compares
+        def __init__(self):
+            super().__init__()
+            self.inner = reference
+
+        def forward(self, x):
+            return pick(self.inner(pixel_values=x))
+
+    return timm_convert.max_logit_difference(model, Outputs(), batch_size=args.verify_batch)
+
+
+def verify(args, model, source_classes, timm_source):
+    """The max |difference| vs the source framework, or a sentence saying why not."""
+    framework = "timm" if args.source_format != "transformers" else "transformers"
+    if importlib.util.find_spec(framework) is None:
+        return f"skipped: {framework} is not installed"
+    if model.config.num_classes not in (0, source_classes):
+        return (f"skipped: the model has a fresh {model.config.num_classes}-class head "
+                f"(--num-classes) and the source a {source_classes}-class one")
+    if args.source_format == "timm":
+        from keras_vitscale.convert import timm as timm_convert
+
+        return timm_convert.verify(model, timm_source, batch_size=args.verify_batch)
+    if args.source_format == "big_vision":
+        return verify_big_vision(args, model)
+    return verify_transformers(args, model)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if importlib.util.find_spec("timm") is not None:
         # timm before Keras: under KERAS_BACKEND=tensorflow, loading timm's
-        # triton after TensorFlow crashes the process.
+        # triton (also pulled in by transformers) after TensorFlow crashes.
         import timm  # noqa: F401
     # Imported after parsing so that --help answers without loading Keras.
-    from keras_vitscale.convert import timm as timm_convert
+    import keras_vitscale as kvs
 
-    source = timm_convert.load_source(args.source, pretrained=args.pretrained)
     overrides = {}
-    if args.num_heads is not None:
-        overrides["num_heads"] = args.num_heads
     if args.image_size is not None:
         overrides["image_size"] = _image_size(args.image_size)
     if args.num_classes is not None:
         overrides["num_classes"] = args.num_classes
-    print(f"Copying weights from {args.source}:")
-    model = timm_convert.from_timm(source, verbose=True, **overrides)
-    weights = ("state-dict file" if not hasattr(source, "state_dict")
-               else "timm pretrained" if args.pretrained else "random (not pretrained)")
-    model.save_to_preset(args.preset_dir, metadata={
-        "converted_from": f"timm:{args.source}", "source_weights": weights})
+    print(f"Copying weights from {args.source_format}:{args.source}:")
+    try:
+        model, metadata, source_classes, timm_source = convert(args, overrides)
+    except (FileNotFoundError, ValueError) as error:
+        # The converters' messages name the problem and the fix; no traceback.
+        raise SystemExit(f"convert.py: cannot convert {args.source!r}: {error}") from error
+    model.save_to_preset(args.preset_dir, metadata=metadata)
+    c = model.config
     print(f"Wrote {args.preset_dir}: {model.count_params():,} parameters, "
-          f"{model.config.width}x{model.config.depth}, heads {model.config.num_heads}, "
-          f"image {model.config.image_size}, pooling {model.config.pooling!r}.")
+          f"{c.width}x{c.depth}, heads {c.num_heads}, block {c.block!r}, "
+          f"image {c.image_size}, pooling {c.pooling!r}.")
 
-    if args.no_verify:
-        return 0
-    if importlib.util.find_spec("timm") is None:
-        print("timm is not installed; skipped the logit check.")
-        return 0
-    if model.config.num_classes not in (0, timm_convert.source_num_classes(source)):
-        print("The model has a fresh head (--num-classes); skipped the logit check.")
-        return 0
-    diff = timm_convert.verify(model, source, batch_size=args.verify_batch)
-    what = "feature" if model.config.num_classes == 0 else "logit"
-    print(f"max |{what} difference| vs timm: {diff:.3g}")
+    if not args.no_verify:
+        result = verify(args, model, source_classes, timm_source)
+        what = "feature" if c.num_classes == 0 else "logit"
+        reference = {"timm": "timm", "big_vision": "timm's npz reader",
+                     "transformers": "transformers"}[args.source_format]
+        print(result if isinstance(result, str)
+              else f"max |{what} difference| vs {reference}: {result:.3g}")
+    if args.push:
+        commit = kvs.hub.push_to_hub(args.preset_dir, args.push)
+        print(f"Pushed {args.preset_dir} to {args.push}: {commit}")
     return 0
 
 

@@ -5,9 +5,23 @@ position-embedding order); a bare state dict only has shapes, so the rest
 falls back to timm's defaults (exact GELU, epsilon 1e-6) unless overridden.
 
 The copy is driven by `ViTConfig.parameter_shapes()`: every variable of the
-built model is filled from exactly one timm tensor and every timm tensor is
-used. A tensor left over means the source has a feature our config cannot
+built model is filled from its timm tensor(s) and every timm tensor is used.
+A tensor left over means the source has a feature our config cannot
 express, so it is an error rather than something to drop quietly.
+
+Blocks are timm's pre-norm `Block` (our block="sequential") or its
+`ParallelScalingBlock` (ViT-22B style, our block="parallel"). The latter's
+fused `in_proj` is laid out [mlp | q | k | v], ours [q | k | v | mlp]; its
+MLP bias is either part of `in_proj.bias` (qkv_bias=True) or the separate
+`mlp_bias`; its output projection is one `out_proj` over [attn | mlp] or
+`attn_out_proj` + `mlp_out_proj` (fuse_out_proj=False), whose kernels stack
+into our fused one and whose biases add up.
+
+OpenCLIP-style towers (timm's `vit_giant_patch14_clip_224`, `..._clip_*`)
+use pre_norm=True: a LayerNorm on the embedded tokens before the first
+block and a bias-free patch convolution. ViTConfig has no such LayerNorm,
+so they are refused with an error naming pre_norm rather than converted
+approximately.
 
 Example:
 ```python
@@ -22,13 +36,13 @@ model = convert.from_timm(state_dict, num_heads=4, image_size=(64, 96))
 
 import collections.abc
 import logging
-import math
 import os
 import re
 
 import numpy as np
 
 from keras_vitscale.config import VARIANTS, ViTConfig
+from keras_vitscale.convert.common import Source, as_float32, infer_grid
 
 logger = logging.getLogger("keras_vitscale")
 
@@ -42,6 +56,10 @@ LAYER_NAMES = (
     (r"encoder_block_(\d+)/attention/query_norm", r"blocks.\1.attn.q_norm"),
     (r"encoder_block_(\d+)/attention/key_norm", r"blocks.\1.attn.k_norm"),
     (r"encoder_block_(\d+)/mlp/dense_(\d)", r"blocks.\1.mlp.fc\2"),
+    # ParallelScalingBlock; its fused projections are in `timm_source`.
+    (r"encoder_block_(\d+)/norm", r"blocks.\1.in_norm"),
+    (r"encoder_block_(\d+)/query_norm", r"blocks.\1.q_norm"),
+    (r"encoder_block_(\d+)/key_norm", r"blocks.\1.k_norm"),
     (r"map_head/query", "attn_pool.q"),
     (r"map_head/key_value", "attn_pool.kv"),
     (r"map_head/out", "attn_pool.proj"),
@@ -56,10 +74,11 @@ WHOLE_NAMES = {"class_token/token": "cls_token",
 
 # timm state-dict keys of features ViTConfig cannot express -> the option.
 UNSUPPORTED_KEYS = (
-    (r"blocks\.\d+\.ls[12]\.gamma", "LayerScale (timm init_values=..., blocks.N.ls1/ls2)"),
+    (r"blocks\.\d+\.ls[12]?\.gamma", "LayerScale (timm init_values=..., blocks.N.ls1/ls2/ls)"),
     (r"reg_token", "register tokens (timm reg_tokens=N)"),
     (r"dist_token", "a distillation token (DeiT distilled models)"),
-    (r"norm_pre\..+", "a LayerNorm before the encoder (timm pre_norm=True, norm_pre)"),
+    (r"norm_pre\..+", "a LayerNorm before the encoder (timm pre_norm=True, norm_pre, as "
+                      "in OpenCLIP towers)"),
     (r"patch_embed\.norm\..+", "a norm in the patch embedding (timm embed_norm_layer)"),
     (r"blocks\.\d+\.attn\.norm\..+", "a norm before the attention projection "
                                      "(timm scale_attn_norm=True)"),
@@ -83,8 +102,9 @@ def from_timm(source, *, verbose=False, name="vit", dtype=None, **overrides):
     """Builds the `kvs.ViT` matching a timm VisionTransformer and copies its weights.
 
     Args:
-        source: a `timm.models.VisionTransformer` (settings read from the
-            module) or its state dict (`{name: tensor or array}`; settings
+        source: a `timm.models.VisionTransformer` with `Block` or
+            `ParallelScalingBlock` blocks (settings read from the module) or
+            its state dict (`{name: tensor or array}`; settings
             inferred from the shapes, timm defaults for the rest).
         verbose: show a progress bar over the weight copy.
         name: the Keras model name.
@@ -163,8 +183,8 @@ def config_from_module(module):
             cannot express (LayerScale, register tokens, pre-norm, ...).
     """
     import torch.nn as nn
-    from timm.layers import Attention, AttentionPoolLatent, Mlp, PatchEmbed
-    from timm.models.vision_transformer import Block, VisionTransformer
+    from timm.layers import AttentionPoolLatent, Mlp, PatchEmbed
+    from timm.models.vision_transformer import VisionTransformer
 
     m = module
     if not isinstance(m, VisionTransformer):
@@ -182,7 +202,10 @@ def config_from_module(module):
     need(m.num_prefix_tokens == int(has_cls) + m.num_reg_tokens,
          "extra prefix tokens (e.g. DeiT's distillation token)")
     need(not m.dynamic_img_size, "dynamic_img_size=True")
-    need(isinstance(m.norm_pre, nn.Identity), "pre_norm=True (norm_pre)")
+    need(isinstance(m.norm_pre, nn.Identity),
+         "pre_norm=True (norm_pre: a LayerNorm on the embedded tokens before the first "
+         "block, as in OpenCLIP towers such as vit_giant_patch14_clip_224; ViTConfig has "
+         "no such norm)")
     pe = m.patch_embed
     need(type(pe) is PatchEmbed and isinstance(pe.norm, nn.Identity)
          and pe.proj.bias is not None and not pe.dynamic_img_pad
@@ -203,30 +226,9 @@ def config_from_module(module):
          f"head {type(m.head).__name__} (only nn.Linear with bias, or none)")
 
     blocks = list(m.blocks)
-    attn0, mlp0 = blocks[0].attn, blocks[0].mlp
-    norms, acts = [], []
-    for i, blk in enumerate(blocks):
-        where = f"blocks.{i}"
-        if type(blk) is not Block:
-            need(False, f"{where} is {type(blk).__name__}, not timm's pre-norm Block")
-            continue
-        need(isinstance(blk.ls1, nn.Identity) and isinstance(blk.ls2, nn.Identity),
-             f"LayerScale (init_values=..., {where}.ls1/ls2)")
-        attn, mlp = blk.attn, blk.mlp
-        need(type(attn) is Attention and isinstance(attn.norm, nn.Identity)
-             and getattr(attn, "gate", None) is None
-             and attn.head_dim * attn.num_heads == m.embed_dim
-             and attn.num_heads == attn0.num_heads,
-             f"{where}.attn is not plain timm Attention (scale_attn_norm, gated, "
-             "attn_head_dim or attn_layer)")
-        need(type(mlp) is Mlp and isinstance(mlp.norm, nn.Identity)
-             and mlp.fc1.out_features == mlp0.fc1.out_features
-             and (mlp.fc1.bias is None) == (mlp.fc2.bias is None),
-             f"{where}.mlp is not timm's plain Mlp (mlp_layer or scale_mlp_norm)")
-        norms += [blk.norm1, blk.norm2]
-        if not isinstance(getattr(attn, "q_norm", None), nn.Identity):
-            norms += [attn.q_norm, attn.k_norm]
-        acts.append(getattr(mlp, "act", None))
+    read = _parallel_blocks if _is_parallel(blocks[0]) else _sequential_blocks
+    fields, norms, acts = read(blocks, m.embed_dim, need)
+    block_bias = {n.bias is not None for n in norms}
     norms.append(m.fc_norm if isinstance(m.norm, nn.Identity) else m.norm)
 
     pool = m.attn_pool
@@ -235,9 +237,9 @@ def config_from_module(module):
              and pool.pos_embed is None and isinstance(pool.q, nn.Linear)
              and isinstance(pool.q_norm, nn.Identity) and pool.pool == "token"
              and pool.mlp is not None and type(pool.mlp) is Mlp
-             and pool.latent_dim == m.embed_dim and pool.num_heads == attn0.num_heads
+             and pool.latent_dim == m.embed_dim and pool.num_heads == fields["num_heads"]
              and pool.q.bias is not None and pool.kv.bias is not None
-             and pool.mlp.fc1.out_features == mlp0.fc1.out_features,
+             and pool.mlp.fc1.out_features == fields["mlp_dim"],
              "an attention pool other than AttentionPoolLatent(latent_len=1, q_proj, "
              "qkv_bias, no qk_norm or pos_embed, the blocks' heads and MLP width)")
         if type(pool) is AttentionPoolLatent and pool.mlp is not None:
@@ -253,7 +255,6 @@ def config_from_module(module):
          f"activation {sorted({type(a).__name__ for a in acts})} (only exact or tanh GELU)")
     need(layer_norms, "a norm other than an affine nn.LayerNorm (e.g. RmsNorm)")
     need(len(eps) == 1, f"LayerNorms with different epsilons {sorted(eps)}")
-    block_bias = {blk.norm1.bias is not None for blk in blocks}
     need(len(block_bias) == 1, "LayerNorms with and without bias in one model")
     need(block_bias != {False} or m.global_pool != "map",
          "bias-free LayerNorms with global_pool='map' (the MAP head's norm has a bias)")
@@ -263,18 +264,98 @@ def config_from_module(module):
     pooling = _POOLINGS[m.global_pool]
     posemb = "learn" if m.pos_embed is not None else "none"
     return ViTConfig(
-        width=m.embed_dim, depth=len(blocks), mlp_dim=mlp0.fc1.out_features,
-        num_heads=attn0.num_heads, patch_size=tuple(pe.patch_size),
+        **fields, width=m.embed_dim, depth=len(blocks), patch_size=tuple(pe.patch_size),
         image_size=tuple(pe.img_size),
         num_classes=m.head.out_features if isinstance(m.head, nn.Linear) else 0,
         in_channels=pe.proj.in_channels, pooling=pooling, class_token=has_cls,
         posemb=posemb,
         posemb_covers_class_token=has_cls and posemb == "learn" and not m.no_embed_class,
-        qk_norm=not isinstance(attn0.q_norm, nn.Identity),
-        qkv_bias=attn0.qkv.bias is not None, attn_out_bias=attn0.proj.bias is not None,
-        mlp_bias=mlp0.fc1.bias is not None, norm_bias=block_bias.pop(),
+        norm_bias=block_bias.pop(),
         layer_norm_epsilon=float(eps.pop()), gelu=flavours.pop(),
         norm_position="before_pool" if not isinstance(m.norm, nn.Identity) else "after_pool")
+
+
+def _is_parallel(block):
+    from timm.models.vision_transformer import ParallelScalingBlock
+
+    return isinstance(block, ParallelScalingBlock)
+
+
+def _sequential_blocks(blocks, width, need):
+    """(config fields, norms, activations) of timm pre-norm `Block`s."""
+    import torch.nn as nn
+    from timm.layers import Attention, Mlp
+    from timm.models.vision_transformer import Block
+
+    attn0, mlp0 = blocks[0].attn, blocks[0].mlp
+    norms, acts = [], []
+    for i, blk in enumerate(blocks):
+        where = f"blocks.{i}"
+        if type(blk) is not Block:
+            need(False, f"{where} is {type(blk).__name__}, not timm's pre-norm Block like "
+                        "blocks.0")
+            continue
+        need(isinstance(blk.ls1, nn.Identity) and isinstance(blk.ls2, nn.Identity),
+             f"LayerScale (init_values=..., {where}.ls1/ls2)")
+        attn, mlp = blk.attn, blk.mlp
+        need(type(attn) is Attention and isinstance(attn.norm, nn.Identity)
+             and getattr(attn, "gate", None) is None
+             and attn.head_dim * attn.num_heads == width
+             and attn.num_heads == attn0.num_heads,
+             f"{where}.attn is not plain timm Attention (scale_attn_norm, gated, "
+             "attn_head_dim or attn_layer)")
+        need(type(mlp) is Mlp and isinstance(mlp.norm, nn.Identity)
+             and mlp.fc1.out_features == mlp0.fc1.out_features
+             and (mlp.fc1.bias is None) == (mlp.fc2.bias is None),
+             f"{where}.mlp is not timm's plain Mlp (mlp_layer or scale_mlp_norm)")
+        norms += [blk.norm1, blk.norm2]
+        if not isinstance(getattr(attn, "q_norm", None), nn.Identity):
+            norms += [attn.q_norm, attn.k_norm]
+        acts.append(getattr(mlp, "act", None))
+    fields = dict(
+        block="sequential", mlp_dim=mlp0.fc1.out_features, num_heads=attn0.num_heads,
+        qk_norm=not isinstance(attn0.q_norm, nn.Identity),
+        qkv_bias=attn0.qkv.bias is not None, attn_out_bias=attn0.proj.bias is not None,
+        mlp_bias=mlp0.fc1.bias is not None)
+    return fields, norms, acts
+
+
+def _parallel_blocks(blocks, width, need):
+    """(config fields, norms, activations) of timm `ParallelScalingBlock`s.
+
+    timm's block always has an MLP bias (in `in_proj.bias` or `mlp_bias`),
+    so ours has one too; timm's qkv_bias and proj_bias map to ours.
+    """
+    import torch.nn as nn
+    from timm.models.vision_transformer import ParallelScalingBlock
+
+    def layout(blk):  # what must agree across blocks for one config to hold them
+        fused = getattr(blk, "out_proj", None) is not None
+        out = blk.out_proj if fused else blk.attn_out_proj
+        return (blk.num_heads, blk.in_proj.out_features, blk.in_proj.bias is not None,
+                out.bias is not None, fused, isinstance(blk.q_norm, nn.Identity))
+
+    b0 = blocks[0]
+    norms, acts = [], []
+    for i, blk in enumerate(blocks):
+        where = f"blocks.{i}"
+        if type(blk) is not ParallelScalingBlock:
+            need(False, f"{where} is {type(blk).__name__}, not timm's ParallelScalingBlock "
+                        "like blocks.0")
+            continue
+        need(isinstance(blk.ls, nn.Identity), f"LayerScale (init_values=..., {where}.ls)")
+        need(blk.num_heads * blk.head_dim == width and layout(blk) == layout(b0),
+             f"{where} differs from blocks.0 in heads, MLP width, biases, qk_norm or "
+             "fuse_out_proj")
+        norms.append(blk.in_norm)
+        if not isinstance(blk.q_norm, nn.Identity):
+            norms += [blk.q_norm, blk.k_norm]
+        acts.append(blk.mlp_act)
+    _, in_features, qkv_bias, out_bias, _, no_qk_norm = layout(b0)
+    fields = dict(
+        block="parallel", mlp_dim=in_features - 3 * width, num_heads=b0.num_heads,
+        qk_norm=not no_qk_norm, qkv_bias=qkv_bias, attn_out_bias=out_bias, mlp_bias=True)
+    return fields, norms, acts
 
 
 def _gelu_flavour(act):
@@ -291,8 +372,9 @@ def _gelu_flavour(act):
 def _unsupported_message(problems):
     listed = "\n  - ".join(problems)
     return (f"The timm model uses option(s) that ViTConfig cannot express:\n  - {listed}\n"
-            "Convert a plain timm VisionTransformer (pre-norm blocks, LayerNorm, "
-            "GELU, token/avg/map/'' pooling) or extend ViTConfig first.")
+            "Convert a plain timm VisionTransformer (pre-norm Block or "
+            "ParallelScalingBlock, LayerNorm, GELU, token/avg/map/'' pooling) or extend "
+            "ViTConfig first.")
 
 
 def config_from_state_dict(state_dict, **overrides):
@@ -330,29 +412,39 @@ def config_from_state_dict(state_dict, **overrides):
                     default=-1)
     if depth == 0:
         raise ValueError("The state dict has no 'blocks.N.*' keys; nothing to convert.")
-    mlp_dim = shapes["blocks.0.mlp.fc1.weight"][0]
     has_cls, has_map = "cls_token" in shapes, "attn_pool.latent" in shapes
+    if "blocks.0.in_proj.weight" in shapes:  # ParallelScalingBlock
+        b = "blocks.0."
+        blocks = dict(
+            block="parallel", mlp_dim=shapes[b + "in_proj.weight"][0] - 3 * width,
+            qk_norm=b + "q_norm.weight" in shapes, qkv_bias=b + "in_proj.bias" in shapes,
+            attn_out_bias=b + "out_proj.bias" in shapes or b + "attn_out_proj.bias" in shapes,
+            mlp_bias=True, norm_bias=b + "in_norm.bias" in shapes)
+    else:
+        b = "blocks.0.attn."
+        blocks = dict(
+            block="sequential", mlp_dim=shapes["blocks.0.mlp.fc1.weight"][0],
+            qk_norm=b + "q_norm.weight" in shapes, qkv_bias=b + "qkv.bias" in shapes,
+            attn_out_bias=b + "proj.bias" in shapes,
+            mlp_bias="blocks.0.mlp.fc1.bias" in shapes,
+            norm_bias="blocks.0.norm1.bias" in shapes)
+    mlp_dim = blocks["mlp_dim"]
     fields = dict(
-        width=width, depth=depth, mlp_dim=mlp_dim, patch_size=(ph, pw),
+        **blocks, width=width, depth=depth, patch_size=(ph, pw),
         in_channels=in_channels, class_token=has_cls,
         num_classes=shapes["head.weight"][0] if "head.weight" in shapes else 0,
         # timm's avg pooling is the one that moves the final norm to fc_norm.
         pooling="map" if has_map else "tok" if has_cls and "fc_norm.weight" not in shapes
         else "gap",
         norm_position="after_pool" if "fc_norm.weight" in shapes else "before_pool",
-        qk_norm="blocks.0.attn.q_norm.weight" in shapes,
-        qkv_bias="blocks.0.attn.qkv.bias" in shapes,
-        attn_out_bias="blocks.0.attn.proj.bias" in shapes,
-        mlp_bias="blocks.0.mlp.fc1.bias" in shapes,
-        norm_bias="blocks.0.norm1.bias" in shapes,
         # A state dict does not record these; timm's defaults.
         gelu="exact", layer_norm_epsilon=1e-6)
     fields["num_heads"] = overrides.get("num_heads") or _infer_heads(shapes, width, depth, mlp_dim)
     image_size = overrides.get("image_size")
     if "pos_embed" in shapes:
         fields["posemb"] = "learn"
-        fields["image_size"], fields["posemb_covers_class_token"] = _infer_grid(
-            shapes["pos_embed"][1], has_cls, (ph, pw), image_size)
+        fields["image_size"], fields["posemb_covers_class_token"] = infer_grid(
+            shapes["pos_embed"][1], has_cls, (ph, pw), image_size, key="pos_embed")
     else:
         if image_size is None:
             raise ValueError("The state dict has no pos_embed, so it does not record the "
@@ -363,8 +455,9 @@ def config_from_state_dict(state_dict, **overrides):
 
 
 def _infer_heads(shapes, width, depth, mlp_dim):
-    if "blocks.0.attn.q_norm.weight" in shapes:  # qk-norm is per head: (head_dim,)
-        return width // shapes["blocks.0.attn.q_norm.weight"][0]
+    for key in ("blocks.0.attn.q_norm.weight", "blocks.0.q_norm.weight"):
+        if key in shapes:  # qk-norm is per head: (head_dim,)
+            return width // shapes[key][0]
     for name, (w, d, m, heads) in VARIANTS.items():
         if (w, d, m) == (width, depth, mlp_dim):
             logger.info("from_timm: num_heads=%d from variant %s's shape", heads, name)
@@ -375,32 +468,6 @@ def _infer_heads(shapes, width, depth, mlp_dim):
         f"mlp_dim {mlp_dim}: no qk-norm weights and no VARIANTS entry of that shape. "
         f"Pass num_heads= (width {width} allows e.g. {divisors}), or convert the timm "
         "module instead of its state dict.")
-
-
-def _infer_grid(length, has_cls, patch, image_size):
-    """(image_size, posemb_covers_class_token) from the pos_embed length."""
-    if image_size is not None:
-        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-        patches = (h // patch[0]) * (w // patch[1])
-        if length == patches:
-            return (h, w), False
-        if has_cls and length == patches + 1:
-            return (h, w), True
-        raise ValueError(
-            f"pos_embed has {length} positions but image_size {(h, w)} with patch "
-            f"{patch} gives {patches} patches{' (+1 class token)' if has_cls else ''}; "
-            "pass the image size the checkpoint was trained at, then resample with "
-            "ViT.from_preset(..., image_size=...).")
-    # timm's default (no_embed_class=False) first: 197 = 14*14 + 1 reads as a
-    # 14x14 grid whose class token has a position.
-    for covers in (True, False) if has_cls else (False,):
-        side = math.isqrt(length - covers)
-        if side * side == length - covers:
-            return (side * patch[0], side * patch[1]), covers
-    raise ValueError(
-        f"pos_embed length {length} is not a square grid"
-        f"{' (with or without a class-token position)' if has_cls else ''}; pass "
-        "image_size=(height, width) for a non-square checkpoint.")
 
 
 # ---- weights ---------------------------------------------------------------
@@ -433,10 +500,47 @@ def to_keras_layout(path, array):
     return array
 
 
-def _to_numpy(value):
-    if hasattr(value, "detach"):  # a torch tensor; bfloat16 has no numpy dtype
-        return value.detach().cpu().float().numpy()
-    return np.asarray(value, dtype="float32")
+def timm_source(path, shape, config, state_dict):
+    """The `Source` (timm keys, their shapes, combine) of our variable `path`.
+
+    Most variables are one timm tensor, transposed; the parallel block's
+    fused projections gather and reorder several (see the module docstring).
+    """
+    match = re.fullmatch(r"encoder_block_(\d+)/(qkv_mlp_in|attn_mlp_out)/(\w+)", path)
+    if config.block == "parallel" and match:
+        return _parallel_source(f"blocks.{match.group(1)}", match.group(2), match.group(3),
+                                config, state_dict)
+    key = timm_key(path, config)
+    if path == "patch_embedding/kernel":
+        want = (shape[3], shape[2], shape[0], shape[1])
+    else:
+        want = shape[::-1] if path.endswith("/kernel") else shape
+    return Source((key,), (want,), lambda array: to_keras_layout(path, array))
+
+
+def _parallel_source(block, layer, param, config, state_dict):
+    d, m = config.width, config.mlp_dim
+    if layer == "qkv_mlp_in":
+        if param == "kernel":  # timm (M + 3D, D) rows [mlp | q | k | v] -> (D, 3D + M)
+            return Source((f"{block}.in_proj.weight",), ((m + 3 * d, d),),
+                          lambda w: np.concatenate([w[m:], w[:m]]).T)
+        if param == "qkv_bias":
+            return Source((f"{block}.in_proj.bias",), ((m + 3 * d,),), lambda b: b[m:])
+        if config.qkv_bias:  # timm keeps the MLP bias inside in_proj.bias
+            return Source((f"{block}.in_proj.bias",), ((m + 3 * d,),), lambda b: b[:m])
+        return Source((f"{block}.mlp_bias",), ((m,),), lambda b: b)
+    # attn_mlp_out: one out_proj over [attn | mlp], or timm's fuse_out_proj=False
+    # pair, whose kernels stack along the input axis and whose biases add.
+    fused = f"{block}.attn_out_proj.weight" not in state_dict
+    names = ("out_proj",) if fused else ("attn_out_proj", "mlp_out_proj")
+    if param == "kernel":
+        shapes = ((d, d + m),) if fused else ((d, d), (d, m))
+        return Source(tuple(f"{block}.{n}.weight" for n in names), shapes,
+                      lambda *ws: np.concatenate(ws, axis=1).T)
+    if not config.attn_out_bias:  # timm proj_bias=False; ours exists for the MLP bias
+        return Source((), (), lambda: np.zeros((d,), "float32"))
+    return Source(tuple(f"{block}.{n}.bias" for n in names), ((d,),) * len(names),
+                  lambda *bs: np.sum(bs, axis=0))
 
 
 def convert_state_dict(state_dict, config, drop_head=False):
@@ -450,22 +554,29 @@ def convert_state_dict(state_dict, config, drop_head=False):
 
     Raises:
         ValueError: listing unused timm keys, missing ones and shape mismatches.
+
+    Its own loop rather than `common.gather_weights`: timm users look up the
+    timm key, so each mismatch leads with it ("blocks.1.mlp.fc1.weight
+    (100, 64) -> encoder_block_1/mlp/dense_1/kernel needs (64, 256)").
     """
-    expected = config.parameter_shapes()
     consumed, weights, missing, mismatched = set(), {}, [], []
-    for path, shape in expected.items():
+    for path, shape in config.parameter_shapes().items():
         if drop_head and path.startswith("head/"):
             continue
-        key = timm_key(path, config)
-        if key not in state_dict:
-            missing.append(f"{path} (timm {key})")
+        spec = timm_source(path, tuple(shape), config, state_dict)
+        consumed.update(k for k in spec.keys if k in state_dict)
+        absent = [k for k in spec.keys if k not in state_dict]
+        if absent:
+            missing.append(f"{path} (timm {', '.join(absent)})")
             continue
-        consumed.add(key)
-        array = to_keras_layout(path, _to_numpy(state_dict[key]))
-        if array.shape != tuple(shape):
-            mismatched.append(f"{key} {tuple(state_dict[key].shape)} -> {path} "
-                              f"needs {tuple(shape)} (got {array.shape} after transposing)")
-        weights[path] = array
+        bad = [f"{k} {tuple(state_dict[k].shape)} -> {path} needs {tuple(shape)} "
+               f"({k} must be {tuple(want)})"
+               for k, want in zip(spec.keys, spec.shapes)
+               if tuple(state_dict[k].shape) != tuple(want)]
+        if bad:
+            mismatched += bad
+            continue
+        weights[path] = spec.combine(*(as_float32(state_dict[k]) for k in spec.keys))
     if drop_head:
         consumed |= {"head.weight", "head.bias"} & set(state_dict)
     unused = sorted(set(state_dict) - consumed)
@@ -482,8 +593,9 @@ def convert_state_dict(state_dict, config, drop_head=False):
         raise ValueError(
             "The timm weights do not fit the config "
             f"(width {config.width}, depth {config.depth}, heads {config.num_heads}, "
-            f"image {config.image_size}, pooling {config.pooling!r}, class_token "
-            f"{config.class_token}):\n  " + "\n  ".join(errors) +
+            f"block {config.block!r}, image {config.image_size}, pooling "
+            f"{config.pooling!r}, class_token {config.class_token}):\n  "
+            + "\n  ".join(errors) +
             "\nCheck the overrides (num_heads, image_size, pooling, qk_norm) or convert "
             "the timm module, whose settings are read directly.")
     return weights
@@ -631,33 +743,44 @@ def verify(model, source, batch_size=2, seed=0):
     if not _is_torch_module(source):
         import torch
 
-        module = to_timm(model.config.replace(num_classes=classes))
-        module.load_state_dict({k: torch.from_numpy(_to_numpy(v)) for k, v in source.items()},
+        module = to_timm(model.config.replace(num_classes=classes),
+                         fuse_out_proj="blocks.0.attn_out_proj.weight" not in source)
+        module.load_state_dict({k: torch.from_numpy(as_float32(v)) for k, v in source.items()},
                                strict=True)
         source = module
     return max_logit_difference(model, source, batch_size=batch_size, seed=seed)
 
 
-def to_timm(config):
+def to_timm(config, fuse_out_proj=True):
     """A timm VisionTransformer with the layout of `config` (random weights).
 
     Used to check a converted state dict against timm itself; only configs
     that timm's ViT can express are accepted.
+
+    Args:
+        config: a `ViTConfig`.
+        fuse_out_proj: for block="parallel", one `out_proj` (True) or timm's
+            separate `attn_out_proj` and `mlp_out_proj` (False).
     """
     import functools
 
     import timm.layers
-    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer import Block, ParallelScalingBlock, VisionTransformer
 
     c = config
     pools = {v: k for k, v in _POOLINGS.items()}
-    if c.block != "sequential" or c.representation_size or c.attn_out_bias != c.mlp_bias \
+    # timm's Block has one bias switch for attention-out and MLP; its
+    # ParallelScalingBlock always has an MLP bias.
+    biases_ok = (c.attn_out_bias == c.mlp_bias if c.block == "sequential" else c.mlp_bias)
+    if c.block not in ("sequential", "parallel") or c.representation_size or not biases_ok \
             or c.posemb == "sincos2d" or not c.norm_bias:
         raise ValueError("timm's VisionTransformer cannot express this config (block "
                          f"{c.block!r}, representation_size {c.representation_size}, "
-                         f"posemb {c.posemb!r}, attn_out_bias {c.attn_out_bias} vs "
+                         f"posemb {c.posemb!r}, attn_out_bias {c.attn_out_bias} and "
                          f"mlp_bias {c.mlp_bias}, norm_bias {c.norm_bias}).")
-    return VisionTransformer(
+    block_fn = Block if c.block == "sequential" else functools.partial(
+        ParallelScalingBlock, fuse_out_proj=fuse_out_proj)
+    return VisionTransformer(block_fn=block_fn,
         img_size=c.image_size, patch_size=c.patch_size, in_chans=c.in_channels,
         num_classes=c.num_classes, global_pool=pools[c.pooling], embed_dim=c.width,
         depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.mlp_dim / c.width,

@@ -107,21 +107,34 @@ def _build_model(config, vit_config):
     return model
 
 
-def _fewshot(model, source, config, log):
-    shots = [int(s) for s in str(config["fewshot"]).split(",")]
-    try:
-        from keras_vitscale import evaluation
-    except ImportError:
-        log("Few-shot evaluation skipped: kvs.evaluation is not available.")
-        return None
-    features = keras.Model(model.inputs, model.get_layer("head").input)
-    size = (config["image_size"],) * 2
-    train = data.eval_dataset(source, 256, size, one_hot=False, split=source.train)
-    test = data.eval_dataset(source, 256, size, one_hot=False)
-    x_train, y_train = evaluation.extract_features(features, train, progress=False)
-    x_test, y_test = evaluation.extract_features(features, test, progress=False)
-    return evaluation.fewshot(x_train, y_train, x_test, y_test, shots=shots, seeds=3,
-                              num_classes=source.num_classes)
+def fewshot_on_source(model, source, image_size, shots=(1, 5, 10), seeds=3, l2_reg=2.0**10,
+                      progress=False):
+    """Few-shot linear evaluation of a classifier's pre-logits features.
+
+    The few-shot train examples come from the source's training split, the
+    test examples from its held-out split.
+
+    Args:
+        model: a `kvs.ViT` (its head's input is the feature).
+        source: a `kvs.data.Source`.
+        image_size: (h, w) of the model.
+        shots, seeds, l2_reg: see `kvs.evaluation.fewshot`.
+        progress: progress bars over feature extraction.
+
+    Returns:
+        A `FewShotResult`.
+    """
+    from keras_vitscale import evaluation
+
+    features = model
+    if model.config.num_classes:
+        features = keras.Model(model.inputs, model.get_layer("head").input)
+    train = data.eval_dataset(source, 256, image_size, one_hot=False, split=source.train)
+    test = data.eval_dataset(source, 256, image_size, one_hot=False)
+    x_train, y_train = evaluation.extract_features(features, train, progress=progress)
+    x_test, y_test = evaluation.extract_features(features, test, progress=progress)
+    return evaluation.fewshot(x_train, y_train, x_test, y_test, shots=shots, seeds=seeds,
+                              l2_reg=l2_reg, num_classes=source.num_classes)
 
 
 def train(settings, log=None, progress=True):
@@ -226,7 +239,8 @@ def train(settings, log=None, progress=True):
                "val_loss": final.get("val_loss"), "resumed_from": start if resuming else None,
                "fewshot": None}
     if config["fewshot"] != "none":
-        result = _fewshot(model, source, config, log)
+        shots = [int(s) for s in str(config["fewshot"]).split(",")]
+        result = fewshot_on_source(model, source, (config["image_size"],) * 2, shots)
         summary["fewshot"] = result
         if result is not None:
             _write_json_atomic(workdir / "fewshot.json",

@@ -255,3 +255,81 @@ def test_convert_tool_writes_a_checked_preset(tmp_path, capsys, custom_timm):
     for variable in model.weights:
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable),
                                       expected[variable.path], err_msg=variable.path)
+
+
+# ---- ParallelScalingBlock (ViT-22B style) and OpenCLIP towers -----------------------
+PARALLEL = {
+    "qk_norm_no_qkv_bias": dict(qk_norm=True, qkv_bias=False),
+    "qkv_bias": dict(qkv_bias=True),
+    "biases_off_separate_out": dict(qkv_bias=False, proj_bias=False, fuse_out_proj=False),
+}
+
+
+def parallel_timm(fuse_out_proj=True, **kwargs):
+    from timm.models.vision_transformer import ParallelScalingBlock
+
+    block_fn = functools.partial(ParallelScalingBlock, fuse_out_proj=fuse_out_proj)
+    return small_timm(block_fn=block_fn, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def parallel_models():
+    return {name: parallel_timm(**kwargs) for name, kwargs in PARALLEL.items()}
+
+
+@pytest.mark.parametrize("name", sorted(PARALLEL))
+def test_parallel_scaling_block_models_match_timm(name, parallel_models):
+    source, kwargs = parallel_models[name], PARALLEL[name]
+    model = convert.from_timm(source)
+    c = model.config
+    # timm's block always has an MLP bias (in in_proj.bias or its own mlp_bias).
+    assert (c.block, c.qk_norm, c.qkv_bias, c.attn_out_bias, c.mlp_bias, c.mlp_dim) == (
+        "parallel", kwargs.get("qk_norm", False), kwargs["qkv_bias"],
+        kwargs.get("proj_bias", True), True, 256)
+    if kwargs.get("fuse_out_proj", True) and kwargs.get("proj_bias", True):
+        assert model.count_params() == timm_count(source)
+    assert max_diff(model, source) <= TOL
+    # A bare state dict gives the same settings, and to_timm rebuilds timm's
+    # layout from them: the state dict loads strictly.
+    state = source.state_dict()
+    assert timm_convert.config_from_state_dict(state, num_heads=4) == c
+    fused = kwargs.get("fuse_out_proj", True)
+    timm_convert.to_timm(c, fuse_out_proj=fused).load_state_dict(state, strict=True)
+    if not fused:  # verify() picks that layout itself (one forward pass is enough)
+        assert timm_convert.verify(model, state) <= TOL
+
+
+def test_parallel_in_proj_order_matters(parallel_models):
+    # The parity test can fail: rows put in our [q | k | v | mlp] order, then
+    # read as timm's [mlp | q | k | v], move the logits far past TOL.
+    source = parallel_models["qkv_bias"]
+    state = dict(source.state_dict())
+    for i in range(2):
+        for kind in ("weight", "bias"):
+            state[f"blocks.{i}.in_proj.{kind}"] = torch.roll(state[f"blocks.{i}.in_proj.{kind}"],
+                                                             -256, 0)
+    model = convert.from_timm(state, num_heads=4)
+    images = images_for(model.config)
+    assert np.max(np.abs(run(model, images) - timm_outputs(source, images))) > 5 * TOL
+
+
+def test_parallel_unsupported_options_are_named(parallel_models):
+    with pytest.raises(ValueError, match=r"LayerScale \(init_values=\.\.\., blocks.0.ls\)"):
+        convert.from_timm(parallel_timm(init_values=1e-5))
+    with pytest.raises(ValueError, match=r"LayerScale"):
+        convert.from_timm(parallel_timm(init_values=1e-5).state_dict(), num_heads=4)
+    # A leftover tensor is refused: a qkv bias the overrides say is absent.
+    with pytest.raises(ValueError, match=r"no variable for: \['blocks.0.in_proj.bias'"):
+        convert.from_timm(parallel_models["qkv_bias"].state_dict(), num_heads=4, qkv_bias=False)
+
+
+@pytest.mark.parametrize("name", ["vit_giant_patch14_clip_224", "vit_gigantic_patch14_clip_224"])
+def test_openclip_towers_are_refused_naming_pre_norm(name):
+    # pre_norm puts a LayerNorm between the embedding and the first block,
+    # which ViTConfig cannot express. Built on the meta device (no memory):
+    # the settings are refused before any weight is read.
+    source = timm.create_model(name, pretrained=False, device="meta")
+    with pytest.raises(ValueError, match=r"pre_norm=True \(norm_pre: .*vit_giant_patch14_clip"):
+        convert.from_timm(source)
+    with pytest.raises(ValueError, match=r"timm pre_norm=True, norm_pre"):
+        convert.from_timm(source.state_dict())

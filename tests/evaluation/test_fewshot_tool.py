@@ -1,0 +1,46 @@
+"""tools/fewshot.py on a saved preset: the table equals the library's result."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+import keras
+import numpy as np
+
+import keras_vitscale as kvs
+from keras_vitscale import data
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "fewshot.py"
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("fewshot_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tool_prints_the_library_result(tmp_path, capsys):
+    model = kvs.ViT(variant="mu/8", image_size=16, num_classes=10, head_zero_init=False)
+    model.save_to_preset(tmp_path / "preset")
+    assert _tool().main(["--preset", str(tmp_path / "preset"), "--shots", "1,3",
+                         "--seeds", "2"]) == 0
+    table = capsys.readouterr().out
+
+    # The same evaluation by hand: pre-logits features of both digits splits.
+    source = data.load_source("digits", image_size=(16, 16))
+    features = keras.Model(model.inputs, model.get_layer("head").input)
+    splits = [data.eval_dataset(source, 256, (16, 16), one_hot=False, split=split)
+              for split in (source.train, source.held_out)]
+    (x_train, y_train), (x_test, y_test) = [
+        kvs.evaluation.extract_features(features, ds, progress=False) for ds in splits]
+    want = kvs.evaluation.fewshot(x_train, y_train, x_test, y_test, shots=(1, 3), seeds=2)
+    # Table rows: "shot mean std ..."; progress bars share stdout.
+    rows = {int(shot): float(mean) for shot, mean in
+            re.findall(r"^\s*(\d+)\s+([01]\.\d+)\s", table.replace("\r", "\n"), re.M)}
+    assert sorted(rows) == [1, 3]
+    for shot in (1, 3):
+        mean = np.mean([want.accuracy[(shot, seed)] for seed in range(2)])
+        assert abs(rows[shot] - mean) < 1e-4
+    # Random features of 10 digit classes are far from perfect but above chance.
+    assert 0.1 < rows[3] < 0.99
