@@ -22,17 +22,15 @@ It prints a table and rewrites its section of benchmarks/RESULTS.md
 
 import argparse
 import os
-import pathlib
 import platform
-import re
 import sys
 import time
 
+import results  # noqa: E402  (benchmarks/results.py: the shared RESULTS.md writer)
+
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-BEGIN = "<!-- memory_validation:begin -->"
-END = "<!-- memory_validation:end -->"
-RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
+RESULTS = results.RESULTS
 
 # (variant, image size, batch, optimizer, remat)
 CASES = [
@@ -137,15 +135,7 @@ def report(rows, device):
 
 
 def write_section(body):
-    section = f"{BEGIN}\n## Memory estimate vs XLA (benchmarks/memory_validation.py)\n\n{body}\n{END}"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
-
+    results.write_section("memory_validation", body, title="Memory estimate vs XLA (benchmarks/memory_validation.py)")
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

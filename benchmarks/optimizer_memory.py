@@ -30,8 +30,9 @@ import numpy as np
 from keras_vitscale.config import ViTConfig
 from keras_vitscale.optimizers import BF16Adam, ScalingAdafactor
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-BEGIN, END = "<!-- optimizer_memory:begin -->", "<!-- optimizer_memory:end -->"
+import results  # noqa: E402  (benchmarks/results.py: the shared RESULTS.md writer)
+
+RESULTS = results.RESULTS
 TARGETS = {"keras.Adam": "2.0", "BF16Adam": "<= 1.5", "ScalingAdafactor": "<= 0.51"}
 
 
@@ -140,15 +141,7 @@ def train_step_times(batch, repeats):
 
 
 def write_section(text):
-    old = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-    section = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + section + old[old.index(END) + len(END) :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    with open(RESULTS, "w") as f:
-        f.write(new)
-
+    results.write_section("optimizer_memory", text)
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

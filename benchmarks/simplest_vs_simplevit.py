@@ -30,7 +30,6 @@ Usage:
 import argparse
 import os
 import platform
-import re
 import time
 from pathlib import Path
 
@@ -43,8 +42,9 @@ import numpy as np  # noqa: E402
 import keras_vitscale as kvs  # noqa: E402
 from keras_vitscale.optimizers.shampoo import Shampoo  # noqa: E402
 
-RESULTS = Path(__file__).parent / "RESULTS.md"
-BEGIN, END = "<!-- simplest_vs_simplevit:begin -->", "<!-- simplest_vs_simplevit:end -->"
+import results  # noqa: E402  (benchmarks/results.py: the shared RESULTS.md writer)
+
+RESULTS = results.RESULTS
 SETUPS = ("SimpleViT + Adam", "SimplEsT-ViT + Adam", "SimplEsT-ViT + Shampoo")
 
 
@@ -180,15 +180,7 @@ def step_time_table(args):
 
 
 def write_section(text):
-    section = f"{BEGIN}\n## SimplEsT-ViT vs SimpleViT (benchmarks/simplest_vs_simplevit.py)\n\n{text}\n{END}"
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: section, old)
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(new)
-
+    results.write_section("simplest_vs_simplevit", text, title="SimplEsT-ViT vs SimpleViT (benchmarks/simplest_vs_simplevit.py)")
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -53,8 +53,9 @@ import traceback
 
 import numpy as np
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-BEGIN, END = "<!-- throughput:begin -->", "<!-- throughput:end -->"
+import results  # noqa: E402  (benchmarks/results.py: the shared RESULTS.md writer)
+
+RESULTS = results.RESULTS
 TAG = "@@throughput "  # prefix of the workers' protocol lines on stdout
 IMAGE_SIZE, NUM_CLASSES, THREADS = 224, 1000, 2
 LEARNING_RATE, WEIGHT_DECAY = 1e-4, 0.05
@@ -403,15 +404,7 @@ def report(res, args):
 
 
 def write_section(text):
-    old = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    with open(RESULTS, "w") as f:
-        f.write(new)
-
+    results.write_section("throughput", text)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
