@@ -12,6 +12,7 @@ from keras_vitscale.layers.embedding import (
     resample_grid,
     sincos2d_table,
 )
+from keras_vitscale.layers.flexi import pi_resize_patch_kernel, resize_patch
 from keras_vitscale.layers.mlp import MLP
 from keras_vitscale.layers.pooling import MAPHead
 from keras_vitscale.layers.simplest import (
