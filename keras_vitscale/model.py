@@ -1,15 +1,11 @@
 """kvs.ViT: a Vision Transformer assembled from a ViTConfig."""
 
-import logging
-
 import keras
 from keras import ops
 
 from keras_vitscale import layers as L
 from keras_vitscale import presets
 from keras_vitscale.config import ViTConfig
-
-logger = logging.getLogger("keras_vitscale")
 
 # Keyword arguments that belong to keras.Model rather than to the config.
 _MODEL_KWARGS = ("name", "dtype", "trainable")
