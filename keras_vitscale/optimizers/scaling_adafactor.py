@@ -189,21 +189,7 @@ class ScalingAdafactor(wd_lib.DecoupledWeightDecay, keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(var_list)
-        self._slots = []
-        for variable in var_list:
-            if self._overwrite_variable_with_gradient(variable):
-                self._slots.append({})
-                continue
-            self._slots.append(
-                {
-                    name: wd_lib.add_slot(
-                        self, variable, name, shape, dtype, drop_axis=axis
-                    )
-                    for name, shape, dtype, axis in self.state_specs(
-                        variable.shape, variable.dtype
-                    )
-                }
-            )
+        self._slots = wd_lib.build_slots(self, var_list)
 
     def update_step(self, gradient, variable, learning_rate):
         slots = self._slots[self._get_variable_index(variable)]

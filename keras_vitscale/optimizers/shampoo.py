@@ -206,24 +206,8 @@ class Shampoo(wd_lib.DecoupledWeightDecay, keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(var_list)
-        self._slots = []
-        for variable in var_list:
-            if self._overwrite_variable_with_gradient(variable):
-                self._slots.append({})
-                continue
-            slots = {}
-            for name, shape, dtype, _ in self.state_specs(variable.shape, variable.dtype):
-                if shape == tuple(variable.shape):
-                    slots[name] = wd_lib.add_slot(self, variable, name, dtype=dtype)
-                else:
-                    # Preconditioners do not follow the parameter's sharding:
-                    # replicated, like distributed_shampoo without dist.
-                    prefix = getattr(variable, "path", variable.name).replace("/", "_")
-                    slots[name] = self.add_variable(shape=shape, dtype=dtype,
-                                                    name=f"{prefix}_{name}")
-            self._slots.append(slots)
+        self._slots = wd_lib.build_slots(self, var_list)
 
-    # ---- blocking -------------------------------------------------------------
     def _layout(self, shape):
         return block_layout(shape, self.max_preconditioner_dim, self.merge_small_dims)
 

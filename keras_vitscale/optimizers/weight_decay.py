@@ -274,6 +274,10 @@ def add_slot(optimizer, reference, name, shape=None, dtype=None, drop_axis=None)
     layout = getattr(reference, "_layout", None)
     if drop_axis is not None:
         layout = layout_without_axis(layout, drop_axis, len(reference.shape))
+    elif shape is not None and tuple(shape) != tuple(reference.shape):
+        # A slot of an unrelated shape (a Shampoo preconditioner) cannot
+        # follow the parameter's layout: it is replicated.
+        layout = None
     prefix = getattr(reference, "path", reference.name).replace("/", "_")
     return optimizer.add_variable(
         shape=tuple(reference.shape) if shape is None else tuple(shape),
@@ -281,3 +285,23 @@ def add_slot(optimizer, reference, name, shape=None, dtype=None, drop_axis=None)
         layout=layout,
         name=f"{prefix}_{name}",
     )
+
+
+def build_slots(optimizer, var_list):
+    """One {slot name: variable} dict per parameter, from `state_specs`.
+
+    `optimizer.state_specs(shape, dtype)` lists (name, shape, dtype, dropped
+    axis) per slot; parameters that are overwritten by their gradient get no
+    slots.
+    """
+    slots = []
+    for variable in var_list:
+        if optimizer._overwrite_variable_with_gradient(variable):
+            slots.append({})
+            continue
+        slots.append({
+            name: add_slot(optimizer, variable, name, shape, dtype, drop_axis=axis)
+            for name, shape, dtype, axis in optimizer.state_specs(variable.shape,
+                                                                  variable.dtype)
+        })
+    return slots
