@@ -112,6 +112,8 @@ def parse_args(argv=None):
     r.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
     r.add_argument("--log-every", type=int, help="steps between metrics.jsonl lines")
     r.add_argument("--mesh", help="JAX only: 'data:N' or 'data:N,model:M'")
+    r.add_argument("--tpu", help="TensorFlow only: TPU name or grpc:// address for "
+                   "tf.distribute.TPUStrategy ('local' for a TPU VM)")
     r.add_argument("--fewshot", help="few-shot shots on held-out data at the end, e.g. "
                    "'1,5,10' (default for digits; 'none' elsewhere) or 'none'")
     r.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -12,6 +12,7 @@ The TensorFlow and torch backends train on one device here; asking them for
 a mesh is an error that says so.
 """
 
+import contextlib
 import math
 import re
 
@@ -42,19 +43,23 @@ def parse_mesh(spec):
     return axes
 
 
-def setup(spec, batch_size):
-    """Installs the Keras distribution for a mesh spec; returns the data size.
+def setup(spec, batch_size, tpu=None):
+    """Installs the distribution for a mesh spec; returns the scope to build in.
 
     Args:
         spec: "data:N" or "data:N,model:M", or None for one device.
         batch_size: the global batch size.
+        tpu: TensorFlow only: a TPU name or address for `TPUStrategy`.
+
+    Returns:
+        A context manager: the model and optimizer are made inside it.
 
     Raises:
         ValueError: on a backend other than JAX, a mesh whose size differs
             from the number of devices, or a batch the data axis cannot split.
     """
-    if not spec:
-        return 1
+    if not spec and not tpu:
+        return contextlib.nullcontext()
     axes = parse_mesh(spec)
     if keras.backend.backend() != "jax":
         raise ValueError(
@@ -89,7 +94,7 @@ def setup(spec, batch_size):
         distribution = keras.distribution.ModelParallel(
             layout_map=layout_map, batch_dim_name="batch", auto_shard_dataset=False)
     keras.distribution.set_distribution(distribution)
-    return data
+    return contextlib.nullcontext()
 
 
 def check_model_parallel(model, spec):

@@ -23,7 +23,7 @@ BASE = dict(
     weight_decay=1e-4, head_weight_decay=None, clipnorm=1.0, loss="softmax",
     # bookkeeping
     seed=0, checkpoint_every=200, keep_checkpoints=3, eval_every=200, log_every=20,
-    mesh=None, fewshot="auto",
+    mesh=None, tpu=None, fewshot="auto",
 )
 
 RECIPES = {

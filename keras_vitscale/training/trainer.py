@@ -177,7 +177,9 @@ def train(settings, log=None, progress=True):
     size = (int(config["image_size"]),) * 2
     data.parse_augment(config["augment"])  # fail on a bad spec before any work
     process_index, process_count = distribution.process_info()
-    distribution.setup(config["mesh"], config["batch_size"])
+    # The strategy scope (TF) is where model and optimizer variables must be
+    # made; JAX's distribution is global and its scope is a no-op.
+    scope = distribution.setup(config["mesh"], config["batch_size"], tpu=config["tpu"])
     source = data.load_source(config["dataset"], config["data_dir"],
                               num_classes=config.get("num_classes"), image_size=size)
     config["num_classes"] = source.num_classes
@@ -191,19 +193,20 @@ def train(settings, log=None, progress=True):
         _write_json_atomic(workdir / "config.json", config)
 
     keras.utils.set_random_seed(config["seed"])
-    model = _build_model(config, vit_config)
-    distribution.check_model_parallel(model, config["mesh"])
-    schedule = build_schedule(config)
-    optimizer = build_optimizer(config, schedule)
-    model.compile(optimizer=optimizer, loss=losses.get(config["loss"]),
-                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
-    optimizer.build(model.trainable_variables)
-    manager = CheckpointManager(workdir, keep=config["keep_checkpoints"])
-    meta = manager.restore_latest(model, optimizer) if resuming else None
-    start = int(meta["step"]) if meta else 0
-    if resuming:
-        log(f"Resuming from {manager.path(start)} (step {start})." if meta else
-            f"{workdir} has this run's config but no checkpoint yet; starting at step 0.")
+    with scope:
+        model = _build_model(config, vit_config)
+        distribution.check_model_parallel(model, config["mesh"])
+        schedule = build_schedule(config)
+        optimizer = build_optimizer(config, schedule)
+        model.compile(optimizer=optimizer, loss=losses.get(config["loss"]),
+                      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+        optimizer.build(model.trainable_variables)
+        manager = CheckpointManager(workdir, keep=config["keep_checkpoints"])
+        meta = manager.restore_latest(model, optimizer) if resuming else None
+        start = int(meta["step"]) if meta else 0
+        if resuming:
+            log(f"Resuming from {manager.path(start)} (step {start})." if meta else
+                f"{workdir} has this run's config but no checkpoint yet; starting at step 0.")
     metrics_path = workdir / "metrics.jsonl"
     _trim_metrics(metrics_path, start)
 
