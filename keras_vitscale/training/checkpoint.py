@@ -153,14 +153,25 @@ class CheckpointManager:
                 raise ValueError(f"{v.path} has shape {value.shape}, model wants {tuple(v.shape)}")
         return meta, values
 
-    def restore_latest(self, model, optimizer):
+    def restore_latest(self, model, optimizer, step=None):
         """Restores the newest valid checkpoint; returns its meta dict or None.
 
         A corrupt checkpoint is reported and the previous one tried. If
         checkpoints exist but none is valid, raises `CheckpointError` rather
         than silently starting from scratch.
+
+        Args:
+            model, optimizer: whose variables are restored.
+            step: restore exactly this step's checkpoint (a branch point);
+                a missing or corrupt one is a `CheckpointError`.
         """
         steps = self.steps()
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(
+                    f"{self.directory} has no checkpoint at step {step}; it has "
+                    f"{steps or 'none'}.")
+            steps = [step]
         variables = self._variables(model, optimizer)
         problems = []
         for step in reversed(steps):

@@ -60,6 +60,14 @@ def setup(spec, batch_size, tpu=None):
     """
     if not spec and not tpu:
         return contextlib.nullcontext()
+    if keras.backend.backend() == "tensorflow":
+        from keras_vitscale.training import tf_strategy
+
+        return tf_strategy.setup(spec, batch_size, tpu)
+    if tpu:
+        raise ValueError(f"--tpu {tpu!r} needs the TensorFlow backend (KERAS_BACKEND="
+                         "tensorflow, TPUStrategy); on JAX a TPU VM's chips are JAX "
+                         "devices: drop --tpu and use --mesh.")
     axes = parse_mesh(spec)
     if keras.backend.backend() != "jax":
         raise ValueError(
