@@ -31,12 +31,13 @@ outputs in --workdir:
   model/          the final model as a preset (kvs.ViT.from_preset("WORKDIR/model"))
   curves.png      loss, accuracy and learning rate against steps
   fewshot.json    mean few-shot accuracy per shot (when --fewshot is on)
+  tensorboard/    TensorBoard logs (with --tensorboard)
 
 recipes (explicit flags override them):
   default      small ViT (width 64, depth 4, patch 8) on digits 32x32: Adam, cosine,
                lr 2e-3, 600 steps of batch 64, softmax cross-entropy
   scaling_vit  Scaling ViT: ScalingAdafactor, wd 0.03 body / 3.0 head (kernels),
-               rsqrt schedule with 1%% warmup and 5%% cooldown, MAP head, sigmoid
+               rsqrt schedule with 1% warmup and 5% cooldown, MAP head, sigmoid
                cross-entropy (head bias -10 at >= 1000 classes, else -log(classes)),
                global clipnorm 1.0, lr 8e-4
   simplevit    Adam, cosine, RandAugment 10 + mixup 0.2, GAP head, sincos2d posemb
@@ -49,7 +50,8 @@ checkpoint, 3 non-finite loss (the step is named).
 """
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The pretraining flags (tools/distill.py extends them)."""
     p = argparse.ArgumentParser(
         description="Pretrain a Vision Transformer with keras_vitscale (around model.fit). "
                     "With no flags, trains the embedded default: a small ViT on the "
@@ -103,6 +105,15 @@ def parse_args(argv=None):
                    help="decay of head/kernel (default: same as --weight-decay)")
     o.add_argument("--clipnorm", type=float, help="global gradient-norm clip (0 = off)")
     o.add_argument("--loss", choices=("softmax", "sigmoid"))
+    br = p.add_argument_group(
+        "cooldown branches", "continue a run on an rsqrt or constant schedule from one of "
+        "its checkpoints with a linear cooldown to 0 over --cooldown-steps; the branch "
+        "takes every other setting from the parent, which is never modified")
+    br.add_argument("--branch-from", metavar="WORKDIR_OR_CHECKPOINT",
+                    help="parent run directory (its newest checkpoint) or a "
+                    "WORKDIR/checkpoints/ckpt_* directory")
+    br.add_argument("--branch-step", type=int,
+                    help="the parent checkpoint's step to branch from")
     r = p.add_argument_group("run")
     r.add_argument("--workdir", default=None, help="run directory (default runs/digits "
                    "for the digits default; required otherwise)")
@@ -116,14 +127,27 @@ def parse_args(argv=None):
                    "tf.distribute.TPUStrategy ('local' for a TPU VM)")
     r.add_argument("--fewshot", help="few-shot shots on held-out data at the end, e.g. "
                    "'1,5,10' (default for digits; 'none' elsewhere) or 'none'")
+    r.add_argument("--tensorboard", action="store_true", default=None,
+                   help="write TensorBoard logs to WORKDIR/tensorboard (Keras' callback)")
+    r.add_argument("--wandb", nargs="?", const="keras_vitscale", metavar="PROJECT",
+                   help="log to Weights & Biases (needs `pip install wandb`); "
+                   "PROJECT defaults to keras_vitscale")
     r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     settings = {k: v for k, v in vars(args).items() if k != "no_progress"}
     if settings["workdir"] is None:
+        if settings["branch_from"]:
+            print("ERROR: --workdir is required with --branch-from: a branch writes to a "
+                  "new directory and never modifies its parent.", file=sys.stderr)
+            return 2
         if settings["dataset"] not in (None, "digits"):
             print("ERROR: --workdir is required for datasets other than digits.",
                   file=sys.stderr)

@@ -24,10 +24,16 @@ class RunMonitor(keras.callbacks.Callback):
         manager: a `CheckpointManager`.
         metrics_path: where metrics.jsonl lines are appended.
         progress: show a progress bar.
+        row_sinks: functions called with each metrics row (e.g. W&B).
+        student: the model whose variables are checkpointed, when `fit`
+            trains a wrapper around it (distillation); default: the fit model.
     """
 
-    def __init__(self, config, start_step, schedule, manager, metrics_path, progress=True):
+    def __init__(self, config, start_step, schedule, manager, metrics_path, progress=True,
+                 row_sinks=(), student=None):
         super().__init__()
+        self.row_sinks = tuple(row_sinks)
+        self.student = student
         self.config = config
         self.step = start_step
         self.schedule = schedule
@@ -61,7 +67,7 @@ class RunMonitor(keras.callbacks.Callback):
             self.bar.update(self.step, [("loss", loss)])
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = dict(logs or {})
+        logs_in, logs = logs, dict(logs or {})
         seconds = time.perf_counter() - self.epoch_start
         steps = self.step - self.epoch_first_step
         row = {"step": self.step,
@@ -71,6 +77,12 @@ class RunMonitor(keras.callbacks.Callback):
             row[key] = float(keras.ops.convert_to_numpy(value))
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        # Later callbacks (TensorBoard) see the same logs dict: give them
+        # the throughput too.
+        if logs_in is not None:
+            logs_in["images_per_s"] = row["images_per_s"]
+        for sink in self.row_sinks:
+            sink(row)
         if self.step % self.config["checkpoint_every"] == 0 or self.step >= self.config["steps"]:
             self.save()
 
@@ -80,7 +92,8 @@ class RunMonitor(keras.callbacks.Callback):
                  "rng": "stateless per (seed, example position); model seed "
                         "generator states are stored with the model variables"}
         try:
-            path = self.manager.save(self.step, self.model, self.model.optimizer, extra)
+            path = self.manager.save(self.step, self.student or self.model,
+                                     self.model.optimizer, extra)
         except ValueError as err:  # non-finite parameters: never checkpoint them
             raise NonFiniteLossError(self.step, str(err), self.last_checkpoint,
                                      what="parameters") from None

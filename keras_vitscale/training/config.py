@@ -15,7 +15,7 @@ OPTIMIZERS = ("adafactor", "adam", "shampoo")
 LOSSES = ("softmax", "sigmoid")
 # Settings that may change between a run and its resumption.
 RESUMABLE_CHANGES = ("checkpoint_every", "keep_checkpoints", "eval_every", "fewshot",
-                     "progress", "workdir", "data_dir", "tpu")
+                     "progress", "workdir", "data_dir", "tpu", "tensorboard", "wandb")
 MODEL_KEYS = ("width", "depth", "mlp_dim", "num_heads", "pooling", "posemb", "block",
               "patch_size")
 

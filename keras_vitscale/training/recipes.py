@@ -23,7 +23,11 @@ BASE = dict(
     weight_decay=1e-4, head_weight_decay=None, clipnorm=1.0, loss="softmax",
     # bookkeeping
     seed=0, checkpoint_every=200, keep_checkpoints=3, eval_every=200, log_every=20,
-    mesh=None, tpu=None, fewshot="auto",
+    mesh=None, tpu=None, fewshot="auto", tensorboard=False, wandb=None,
+    # cooldown branches (see training/branch.py)
+    branch_from=None, branch_step=None,
+    # distillation (see training/distill.py): teacher preset or workdir
+    teacher=None, distill_temperature=1.0, distill_label_weight=0.0,
 )
 
 RECIPES = {

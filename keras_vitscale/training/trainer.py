@@ -16,9 +16,12 @@ import keras
 from keras_vitscale import data
 from keras_vitscale import schedules
 from keras_vitscale.model import ViT
+from keras_vitscale.config import ViTConfig
+from keras_vitscale.training import branch
 from keras_vitscale.training import config as config_lib
 from keras_vitscale.training import distribution
 from keras_vitscale.training import losses
+from keras_vitscale.training import run_logging
 from keras_vitscale.training.callbacks import RunMonitor
 from keras_vitscale.training.checkpoint import CheckpointManager
 from keras_vitscale.training.errors import IncompatibleWorkdirError
@@ -107,6 +110,24 @@ def _build_model(config, vit_config):
     return model
 
 
+def _restore(config, workdir, manager, model, optimizer, resuming, log):
+    """Restores the run's newest checkpoint, or a branch's parent checkpoint
+    when the branch has none of its own; returns the step to start from."""
+    meta = manager.restore_latest(model, optimizer) if resuming else None
+    if meta:
+        log(f"Resuming from {manager.path(int(meta['step']))} (step {meta['step']}).")
+        return int(meta["step"])
+    if "branch" in config:
+        parent, step = config["branch"]["parent"], config["branch"]["step"]
+        CheckpointManager(parent).restore_latest(model, optimizer, step=step)
+        log(f"Branching from {parent} at step {step}: cooldown to 0 over "
+            f"{config['cooldown_steps']} steps, ending at step {config['steps']}.")
+        return step
+    if resuming:
+        log(f"{workdir} has this run's config but no checkpoint yet; starting at step 0.")
+    return 0
+
+
 def fewshot_on_source(model, source, image_size, shots=(1, 5, 10), seeds=3, l2_reg=2.0**10,
                       progress=False):
     """Few-shot linear evaluation of a classifier's pre-logits features.
@@ -165,7 +186,10 @@ def train(settings, log=None, progress=True):
     """
     log = log or (lambda msg: print(msg, flush=True))
     started = time.perf_counter()
-    config, explicit = config_lib.resolve(settings)
+    if settings.get("branch_from"):
+        config, explicit = branch.resolve(settings)
+    else:
+        config, explicit = config_lib.resolve(settings)
     if not config.get("workdir"):
         raise ValueError("--workdir is required: every run writes its config, "
                          "checkpoints and metrics there.")
@@ -183,7 +207,10 @@ def train(settings, log=None, progress=True):
     source = data.load_source(config["dataset"], config["data_dir"],
                               num_classes=config.get("num_classes"), image_size=size)
     config["num_classes"] = source.num_classes
-    vit_config = config_lib.model_config(config, explicit)
+    if "branch" in config:  # the parent's model, whatever flags made it
+        vit_config = ViTConfig.from_dict(config["model"])
+    else:
+        vit_config = config_lib.model_config(config, explicit)
     config["model"] = vit_config.to_dict()
     if config.get("preset"):
         config["variant"] = None
@@ -198,16 +225,22 @@ def train(settings, log=None, progress=True):
         distribution.check_model_parallel(model, config["mesh"])
         schedule = build_schedule(config)
         optimizer = build_optimizer(config, schedule)
-        model.compile(optimizer=optimizer, loss=losses.get(config["loss"]),
-                      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
-        optimizer.build(model.trainable_variables)
+        # What `fit` trains: the model, or a distillation wrapper around it
+        # (checkpoints, the preset and few-shot always use the model itself).
+        fit_model = model
+        if config.get("teacher"):
+            from keras_vitscale.training import distill
+
+            fit_model = distill.wrap_for_training(model, config)
+        fit_model.compile(optimizer=optimizer, loss=losses.get(config["loss"]),
+                          metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+        optimizer.build(fit_model.trainable_variables)
         manager = CheckpointManager(workdir, keep=config["keep_checkpoints"])
-        meta = manager.restore_latest(model, optimizer) if resuming else None
-        start = int(meta["step"]) if meta else 0
-        if resuming:
-            log(f"Resuming from {manager.path(start)} (step {start})." if meta else
-                f"{workdir} has this run's config but no checkpoint yet; starting at step 0.")
+        start = _restore(config, workdir, manager, model, optimizer, resuming, log)
     metrics_path = workdir / "metrics.jsonl"
+    if "branch" in config:
+        branch.copy_parent_metrics(config["branch"]["parent"], config["branch"]["step"],
+                                   metrics_path)
     _trim_metrics(metrics_path, start)
 
     steps, log_every = config["steps"], config["log_every"]
@@ -221,18 +254,21 @@ def train(settings, log=None, progress=True):
     epochs = steps // log_every
     eval_epochs = [e for e in range(start // log_every + 1, epochs + 1)
                    if (e * log_every) % config["eval_every"] == 0 or e == epochs]
-    monitor = RunMonitor(config, start, schedule, manager, metrics_path, progress=progress)
+    loggers = run_logging.create(config, workdir)
+    monitor = RunMonitor(config, start, schedule, manager, metrics_path, progress=progress,
+                         row_sinks=loggers.row_sinks, student=model)
     if start < steps:
         log(f"Training {config['model']['variant'] or 'ViT'} ({vit_config.count_params():,} "
             f"params) on {source.name}: steps {start}->{steps}, batch "
             f"{config['batch_size']}, backend {keras.backend.backend()}, workdir {workdir}")
-        model.fit(train_ds, epochs=epochs, initial_epoch=start // log_every,
-                  steps_per_epoch=log_every, validation_data=eval_ds,
-                  validation_freq=eval_epochs or 1, callbacks=[monitor], verbose=0)
+        fit_model.fit(train_ds, epochs=epochs, initial_epoch=start // log_every,
+                      steps_per_epoch=log_every, validation_data=eval_ds,
+                      validation_freq=eval_epochs or 1,
+                      callbacks=[monitor, *loggers.callbacks], verbose=0)
         final = json.loads(metrics_path.read_text().strip().splitlines()[-1])
     else:
-        final = {"step": start, **{f"val_{k}": float(v) for k, v in
-                                  model.evaluate(eval_ds, verbose=0, return_dict=True).items()}}
+        final = {"step": start, **{f"val_{k}": float(v) for k, v in fit_model.evaluate(
+            eval_ds, verbose=0, return_dict=True).items()}}
     model.save_to_preset(str(workdir / "model"),
                          metadata={"training": {k: config[k] for k in
                                                 ("recipe", "dataset", "steps", "optimizer",
@@ -248,6 +284,8 @@ def train(settings, log=None, progress=True):
         if result is not None:
             _write_json_atomic(workdir / "fewshot.json",
                                {str(k): v for k, v in result.mean.items()})
+            loggers.log_fewshot(result, final["step"])
+    loggers.finish()
     summary["seconds"] = round(time.perf_counter() - started, 1)
     return summary
 
