@@ -140,8 +140,13 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, args=None, default_workdir=os.path.join("runs", "digits")):
+    """Runs a pretraining run; returns the exit status (see EPILOG).
+
+    tools/distill.py reuses it with its own parsed `args` (a superset of
+    these flags) and its own default workdir.
+    """
+    args = parse_args(argv) if args is None else args
     settings = {k: v for k, v in vars(args).items() if k != "no_progress"}
     if settings["workdir"] is None:
         if settings["branch_from"]:
@@ -152,7 +157,7 @@ def main(argv=None):
             print("ERROR: --workdir is required for datasets other than digits.",
                   file=sys.stderr)
             return 2
-        settings["workdir"] = os.path.join("runs", "digits")
+        settings["workdir"] = default_workdir
 
     from keras_vitscale.training import TrainingError, NonFiniteLossError, train
 

@@ -6,6 +6,8 @@ are seeded by (seed, position). A run that restarts at step s builds the
 stream from position s * global_batch and reproduces the same batches.
 In a multi-host run each host keeps positions p with p % hosts == host
 (tf.data shard by process index) and batches batch_size / hosts of them.
+Evaluation is a fixed order, padded to whole batches and sharded the same
+way, so the hosts together see every held-out example exactly once.
 """
 
 import numpy as np
@@ -107,22 +109,28 @@ def train_dataset(source, batch_size, image_size, seed, start_step=0, crop=None,
 
 
 def eval_dataset(source, batch_size, image_size, crop_fraction=None, one_hot=True,
-                 pad_to_batch=False, split=None):
+                 pad_to_batch=False, split=None, process_index=0, process_count=1):
     """The held-out split in a fixed order: resize + central crop, [-1, 1].
 
     Args:
         source: a `Source`.
-        batch_size: batch size.
+        batch_size: the global batch size (all hosts together).
         image_size: (h, w).
         crop_fraction: central crop fraction; None uses the source's (0.875,
             or 1.0 for digits).
         one_hot: one-hot float labels (for `model.evaluate`) or int labels
             (for feature extraction).
-        pad_to_batch: pad the last batch to `batch_size` with zero-weight
-            examples and yield (images, labels, weights); needed when the
-            batch is split over devices.
+        pad_to_batch: pad the split to a whole number of batches with blank,
+            zero-weight examples and yield (images, labels, weights); needed
+            when the batch is split over devices.
         split: another split of the source to read, e.g. `source.train`
             (few-shot features); defaults to the held-out split.
+        process_index, process_count: this host and the number of hosts.
+            With several hosts each reads examples i with i % hosts == host
+            (pad_to_batch is required), so every host runs the same number
+            of batches of batch_size / hosts, and the global batch k holds
+            examples k * batch_size ... (k + 1) * batch_size - 1 exactly as
+            on one host: every example is evaluated once.
 
     Example:
     ```python
@@ -132,22 +140,36 @@ def eval_dataset(source, batch_size, image_size, crop_fraction=None, one_hot=Tru
     split = source.held_out if split is None else split
     fraction = source.eval_crop_fraction if crop_fraction is None else crop_fraction
     size = tuple(image_size)
+    if process_count > 1 and not pad_to_batch:
+        raise ValueError(f"eval_dataset over {process_count} hosts needs pad_to_batch=True "
+                         "(every host must run the same number of batches).")
+    if batch_size % process_count:
+        raise ValueError(f"batch size {batch_size} is not divisible by the {process_count} "
+                         f"hosts; use a multiple of {process_count}.")
+    # Items are decoded only after the per-host shard, so no host decodes
+    # the others' examples.
     if isinstance(split, IndexedSplit):
-        ds = tf.data.Dataset.range(split.size).map(split.load, num_parallel_calls=AUTOTUNE)
+        items = tf.data.Dataset.range(split.size).map(lambda i: ((i,), 1.0))
+        load = split.load
     else:
-        ds = split.make(0, shuffle=False).map(lambda r, y: (split.decode(r), y),
-                                              num_parallel_calls=AUTOTUNE)
-
-    def example(image, label):
-        image = pp.resize_central_crop(pp.to_float_rgb(image), size, fraction)
-        label = tf.one_hot(label, source.num_classes) if one_hot else label
-        return pp.to_unit_range(image), label
-
-    ds = ds.map(example, num_parallel_calls=AUTOTUNE, deterministic=True)
+        items = split.make(0, shuffle=False).map(lambda r, y: ((r, y), 1.0))
+        load = lambda r, y: (split.decode(r), y)  # noqa: E731
     if pad_to_batch:
-        ds = ds.map(lambda x, y: (x, y, tf.constant(1.0)))
         pad = (-split.size) % batch_size
         if pad:
-            blank = ds.take(1).map(lambda x, y, w: (x * 0, y * 0, w * 0)).repeat(pad)
-            ds = ds.concatenate(blank)
-    return ds.batch(batch_size).prefetch(AUTOTUNE)
+            blank = items.take(1).map(lambda item, w: (item, 0.0)).repeat(pad)
+            items = items.concatenate(blank)
+    items = items.shard(process_count, process_index)
+
+    def example(item, weight):
+        image, label = load(*item)
+        image = pp.resize_central_crop(pp.to_float_rgb(image), size, fraction)
+        label = tf.one_hot(label, source.num_classes) if one_hot else label
+        image = pp.to_unit_range(image)
+        if not pad_to_batch:
+            return image, label
+        # Padding is blank as well as weightless.
+        return image * weight, label * tf.cast(weight, label.dtype), weight
+
+    ds = items.map(example, num_parallel_calls=AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size // process_count).prefetch(AUTOTUNE)

@@ -135,6 +135,7 @@ def resolve(settings):
     config, explicit = config_lib.resolve({**inherited, **given, "steps": step + cooldown,
                                            "cooldown_steps": cooldown})
     config["branch"] = {"parent": str(parent.resolve()), "step": step}
+    config["model"] = parent_config["model"]
     return config, explicit
 
 

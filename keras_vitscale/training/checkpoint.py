@@ -11,6 +11,9 @@ bfloat16 values go through float32 (exact both ways).
 
 Backend-neutral: values are read with `keras.ops.convert_to_numpy` and
 written with `Variable.assign`, so it works on JAX, TensorFlow and torch.
+A multi-process JAX run cannot gather its sharded variables into one file:
+`manager_for` gives it an `OrbaxCheckpointManager` (orbax_checkpoint.py),
+same interface. Each manager reads the other's checkpoints.
 """
 
 import hashlib
@@ -49,6 +52,28 @@ def _to_numpy(variable):
     return value.astype(np.float32) if value.dtype.name == "bfloat16" else value
 
 
+def manager_for(workdir, keep=3, process_count=1, log=None):
+    """The checkpoint manager of a run over `process_count` processes.
+
+    Args:
+        workdir: the run directory (shared by all processes).
+        keep: how many of the newest checkpoints to keep.
+        process_count: JAX processes in the run; above 1 the checkpoints
+            are written with Orbax (`pip install 'keras-vitscale[jax]'`).
+        log: where reports go (default: stderr).
+
+    Example:
+    ```python
+    manager = manager_for("runs/digits", keep=3, process_count=jax.process_count())
+    ```
+    """
+    if process_count > 1:
+        from keras_vitscale.training.orbax_checkpoint import OrbaxCheckpointManager
+
+        return OrbaxCheckpointManager(workdir, keep=keep, log=log)
+    return CheckpointManager(workdir, keep=keep, log=log)
+
+
 class CheckpointManager:
     """Saves and restores training state in `workdir/checkpoints`.
 
@@ -69,6 +94,11 @@ class CheckpointManager:
         self.directory = Path(workdir) / "checkpoints"
         self.keep = max(1, int(keep))
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    @classmethod
+    def for_run(cls, workdir, keep=3, process_count=1, log=None):
+        """`manager_for`: this class for one process, Orbax for several."""
+        return manager_for(workdir, keep=keep, process_count=process_count, log=log)
 
     def steps(self):
         """Steps of the complete-looking checkpoints, oldest first."""
@@ -128,6 +158,11 @@ class CheckpointManager:
 
     def _read(self, step, variables):
         path = self.path(step)
+        if not (path / "state.npz").exists() and (path / "state").is_dir():
+            # Written by a multi-process run (Orbax): resuming on one process.
+            from keras_vitscale.training import orbax_checkpoint
+
+            return orbax_checkpoint.read(path, variables)
         try:
             with open(path / "meta.json") as f:
                 meta = json.load(f)

@@ -8,6 +8,7 @@ optimizer step as the x-axis, and the few-shot table at the end.
 
 import hashlib
 import importlib
+import importlib.util
 
 import keras
 
@@ -36,13 +37,16 @@ class StepTensorBoard(keras.callbacks.TensorBoard):
         super().on_epoch_end((epoch + 1) * self.log_every, logs)
 
     def log_fewshot(self, result, step):
-        """Writes the few-shot accuracies (scalars) and table (text)."""
-        writer = self._val_writer
+        """Writes the few-shot accuracies (scalars) and table (text) next to
+        the validation metrics (Keras closes its own writers when `fit` ends)."""
+        import tensorflow as tf
+
+        writer = tf.summary.create_file_writer(f"{self.log_dir}/validation")
         with writer.as_default():
             for shots, accuracy in result.mean.items():
-                self.summary.scalar(f"fewshot/{shots}shot_accuracy", accuracy, step=step)
-            self.summary.text("fewshot/table", f"```\n{result.table()}\n```", step=step)
-        writer.flush()
+                tf.summary.scalar(f"fewshot/{shots}shot_accuracy", accuracy, step=step)
+            tf.summary.text("fewshot/table", f"```\n{result.table()}\n```", step=step)
+        writer.close()
 
 
 class WandbLogger:
@@ -84,6 +88,17 @@ class WandbLogger:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def require_tensorboard():
+    """Fails clearly when tf.summary cannot write (TensorFlow's pip package
+    does not bring TensorBoard)."""
+    missing = [name for name in ("tensorflow", "tensorboard")
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"--tensorboard needs {' and '.join(missing)}, not installed: "
+                         "`pip install keras-vitscale[logging]` (or `pip install "
+                         "tensorboard`), or drop --tensorboard.")
 
 
 def require_wandb():
@@ -132,3 +147,11 @@ def create(config, workdir):
     if config.get("wandb"):
         wandb = WandbLogger(config["wandb"], config, workdir)
     return RunLoggers(tensorboard, wandb)
+
+
+def check_available(config):
+    """Before any work: the packages the asked-for loggers need are there."""
+    if config.get("tensorboard"):
+        require_tensorboard()
+    if config.get("wandb"):
+        require_wandb()

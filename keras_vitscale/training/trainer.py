@@ -200,6 +200,7 @@ def train(settings, log=None, progress=True):
                          f"{config['steps'] - config['steps'] % config['log_every']}.")
     size = (int(config["image_size"]),) * 2
     data.parse_augment(config["augment"])  # fail on a bad spec before any work
+    run_logging.check_available(config)
     process_index, process_count = distribution.process_info()
     # The strategy scope (TF) is where model and optimizer variables must be
     # made; JAX's distribution is global and its scope is a no-op.
@@ -231,11 +232,11 @@ def train(settings, log=None, progress=True):
         if config.get("teacher"):
             from keras_vitscale.training import distill
 
-            fit_model = distill.wrap_for_training(model, config)
+            fit_model = distill.wrap_for_training(model, config, log=log)
         fit_model.compile(optimizer=optimizer, loss=losses.get(config["loss"]),
                           metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
         optimizer.build(fit_model.trainable_variables)
-        manager = CheckpointManager(workdir, keep=config["keep_checkpoints"])
+        manager = CheckpointManager.for_run(workdir, config["keep_checkpoints"], process_count)
         start = _restore(config, workdir, manager, model, optimizer, resuming, log)
     metrics_path = workdir / "metrics.jsonl"
     if "branch" in config:
@@ -250,7 +251,8 @@ def train(settings, log=None, progress=True):
         label_smoothing=config["label_smoothing"], process_index=process_index,
         process_count=process_count)
     eval_ds = data.eval_dataset(source, config["batch_size"], size,
-                                pad_to_batch=bool(config["mesh"]))
+                                pad_to_batch=bool(config["mesh"]) or process_count > 1,
+                                process_index=process_index, process_count=process_count)
     epochs = steps // log_every
     eval_epochs = [e for e in range(start // log_every + 1, epochs + 1)
                    if (e * log_every) % config["eval_every"] == 0 or e == epochs]
