@@ -7,6 +7,9 @@ E = a C^-b is fitted alongside for contrast: on a log-log plot it is a
 straight line, and the bend of the data away from it is what `c` and `d`
 capture.
 
+`plot_fit` draws a fit (curve, plain law, floor c) on matplotlib axes; the
+callers (tools/fit_scaling_law.py, the scaling study) draw their own points.
+
 Fitting choices, and why:
 - residuals in log space, log(model) - log(E): the points span orders of
   magnitude of compute and error and should count equally, as they do by eye
@@ -168,6 +171,39 @@ def fit_plain_power_law(compute, error):
     cov_full[:2, :2] = cov
     params, cov_full = _unscale(np.array([a, coef[1], 0.0, 0.0]), cov_full, scale)
     return _make(params, cov_full, resid, "a*C^-b")
+
+
+def plot_fit(ax, fit, compute, extrapolate=10.0, color="C0", plain_color="C1"):
+    """Draws a fit on matplotlib axes set to log-log: its curve, the plain
+    power law fitted alongside (dashed, for contrast) and the error floor c.
+
+    Points are left to the caller (one colour, or one per model size).
+
+    Args:
+        ax: a matplotlib `Axes`.
+        fit: a `PowerLawFit` (a plain fit draws just its line).
+        compute: the fitted compute values; the curves span half the
+            smallest to `extrapolate` times the largest.
+        extrapolate: how far beyond the largest compute to draw.
+        color, plain_color: colours of the fitted curve and the plain law.
+
+    Example:
+    >>> fig, ax = plt.subplots()
+    >>> ax.scatter(compute, error)
+    >>> plot_fit(ax, fit_power_law(compute, error), compute)
+    >>> ax.legend(); fig.savefig("fit.png")
+    """
+    grid = np.geomspace(min(compute) / 2, max(compute) * extrapolate, 200)
+    ax.plot(grid, fit.predict(grid), color=color, label=f"E = {fit.form}, b = {fit.b:.3g}")
+    if fit.plain is not None:
+        ax.plot(grid, fit.plain.predict(grid), "--", color=plain_color,
+                label=f"E = a*C^-b, b = {fit.plain.b:.3g}")
+    # A floor far below the curve (a fit that found none: c ~ 1e-30) would
+    # stretch the log axis over decades of nothing; draw only a visible one.
+    if fit.c > 1e-2 * float(np.min(fit.predict(grid))):
+        ax.axhline(fit.c, color=color, linestyle=":", label=f"c = {fit.c:.3g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
 
 
 def _full(p, free):

@@ -62,9 +62,9 @@ def build_parser():
     d.add_argument("--student", metavar="VARIANT",
                    help="the student's variant, e.g. 'S/16' or 'mu/8' (same as --variant; "
                    "--width, --depth, ... override it)")
-    d.add_argument("--temperature", type=float, dest="distill_temperature",
+    d.add_argument("--temperature", type=float, dest="distill_temperature", metavar="T",
                    help=f"distillation temperature T > 0 (default {b['distill_temperature']})")
-    d.add_argument("--label-weight", type=float, dest="distill_label_weight",
+    d.add_argument("--label-weight", type=float, dest="distill_label_weight", metavar="W",
                    help="weight w in [0, 1] of the label loss mixed in (default "
                    f"{b['distill_label_weight']}: the teacher alone)")
     return p

@@ -60,17 +60,12 @@ def plot(fit, compute, error, out, title, extrapolate, labels=("compute", "error
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    grid = np.geomspace(min(compute) / 2, max(compute) * extrapolate, 200)
+    from keras_vitscale.scaling import plot_fit
+
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.scatter(compute, error, color="black", zorder=3, label="runs")
-    ax.plot(grid, fit.predict(grid), color="C0", label=f"E = {fit.form}, b = {fit.b:.3g}")
-    ax.plot(grid, fit.plain.predict(grid), "--", color="C1", label=f"E = a*C^-b, b = {fit.plain.b:.3g}")
-    if fit.c > 0:
-        ax.axhline(fit.c, color="C0", linestyle=":", label=f"c = {fit.c:.3g}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    plot_fit(ax, fit, compute, extrapolate)
     ax.set_xlabel(labels[0])
     ax.set_ylabel(labels[1])
     ax.set_title(title)

@@ -191,6 +191,16 @@ def _closest(pattern, paths, n=5):
     return sorted(paths, key=score, reverse=True)[:n]
 
 
+def _tf_replicas_in_sync():
+    """Replicas of the `tf.distribute` replica context we run in, else 1."""
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()  # None in cross-replica code
+    return 1 if context is None else context.num_replicas_in_sync
+
+
 class DecoupledWeightDecay:
     """Mixin adding `weight_decay` and `weight_decay_multipliers`.
 
@@ -232,6 +242,24 @@ class DecoupledWeightDecay:
         if decay:
             direction = ops.add(direction, ops.multiply(variable, decay))
         self.assign_sub(variable, ops.multiply(lr, direction))
+
+    def _clip_gradients(self, grads):
+        # Keras' TensorFlow optimizer clips before its all-reduce, i.e. each
+        # replica's share of the gradient under tf.distribute, so a global
+        # norm would be measured on a slice of the batch. With several
+        # replicas, clipping waits for the summed gradient (below).
+        if _tf_replicas_in_sync() > 1:
+            return grads
+        return super()._clip_gradients(grads)
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        # Called on the TensorFlow backend only (TFOptimizer's hook), with
+        # per-replica gradients, inside `_backend_update_step`.
+        reduced = super()._all_reduce_sum_gradients(grads_and_vars)
+        if _tf_replicas_in_sync() <= 1:
+            return reduced
+        grads = super()._clip_gradients([g for g, _ in reduced])
+        return list(zip(grads, [v for _, v in reduced]))
 
     def get_config(self):
         config = super().get_config()

@@ -18,6 +18,7 @@ Either manager reads the other's format, so a run can resume on a different
 number of processes.
 """
 
+import contextlib
 import shutil
 
 import keras
@@ -50,26 +51,32 @@ def read(path, variables):
     import jax
 
     ocp = _ocp()
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    try:
-        meta = checkpointer.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        meta = meta["meta"]
-    except Exception as err:  # missing or torn files raise many types
-        raise ValueError(f"meta unreadable ({type(err).__name__}: {err})") from None
-    paths = [v.path for v in variables]
-    if meta.get("paths") != paths:
-        raise ValueError(f"it holds {len(meta.get('paths', []))} variables that "
-                         f"do not match this model's {len(paths)}")
-    target = {f"v{i}": jax.ShapeDtypeStruct(tuple(v.shape), v.value.dtype,
-                                            sharding=v.value.sharding)
-              for i, v in enumerate(variables)}
-    try:
-        state = checkpointer.restore(
-            path, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-    except Exception as err:
-        raise ValueError(f"state unreadable ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
-    return meta, [state[f"v{i}"] for i in range(len(variables))]
+    with contextlib.closing(ocp.Checkpointer(ocp.CompositeCheckpointHandler())) as checkpointer:
+        try:
+            meta = checkpointer.restore(
+                path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as err:  # missing or torn files raise many types
+            raise ValueError(f"meta unreadable ({type(err).__name__}: {_first_line(err)})"
+                             ) from None
+        paths = [v.path for v in variables]
+        if meta.get("paths") != paths:
+            raise ValueError(f"it holds {len(meta.get('paths', []))} variables that "
+                             f"do not match this model's {len(paths)}")
+        target = {f"v{i}": jax.ShapeDtypeStruct(tuple(v.shape), v.value.dtype,
+                                                sharding=v.value.sharding)
+                  for i, v in enumerate(variables)}
+        try:
+            state = checkpointer.restore(
+                path, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        except Exception as err:
+            raise ValueError(f"state unreadable ({type(err).__name__}: {_first_line(err)})"
+                             ) from None
+    return meta, [state["state"][f"v{i}"] for i in range(len(variables))]
+
+
+def _first_line(err):
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def _all_finite(variables):
@@ -129,14 +136,16 @@ class OrbaxCheckpointManager(CheckpointManager):
             **(extra or {}),
         }
         state = {f"v{i}": v.value for i, v in enumerate(variables)}
-        self.directory.mkdir(parents=True, exist_ok=True)
+        # resolve(): the checkpoints directory may be a link to storage that
+        # all hosts share, made before the first checkpoint exists.
+        self.directory.resolve().mkdir(parents=True, exist_ok=True)
         final = self.path(step)
-        checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
         # force: a rerun reaching the same step replaces it whole. Orbax
         # writes into a temporary directory and renames it when every
         # process has finished.
-        checkpointer.save(final, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        with contextlib.closing(ocp.Checkpointer(ocp.CompositeCheckpointHandler())) as c:
+            c.save(final, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
         if jax.process_index() == 0:
             for old in self.steps()[:-self.keep]:
                 shutil.rmtree(self.path(old), ignore_errors=True)

@@ -28,9 +28,9 @@ import tensorflow as tf
 
 from keras_vitscale.training import distribution
 
-# Seconds allowed for each of: resolving the TPU's name, opening a TCP
-# connection to its worker, and connecting TensorFlow's eager context to it.
-# TensorFlow itself retries an unreachable gRPC worker for minutes.
+# Seconds allowed for each of: resolving the TPU's name (Cloud TPU API), a
+# TCP connection to its worker, and a gRPC handshake with it. TensorFlow
+# itself retries an unreachable gRPC worker for minutes.
 CONNECT_TIMEOUT_S = 30.0
 
 # Mesh axes other backends understand and TensorFlow (here) does not.
@@ -164,8 +164,8 @@ def mirrored_strategy(data, spec=None):
 def _bounded(fn, seconds, what):
     """Runs `fn()` with a time limit; re-raises its error.
 
-    A call still running at the limit is left behind in a daemon thread
-    (TensorFlow's gRPC waits cannot be cancelled) and TimeoutError is raised.
+    A call still running at the limit is left behind in a daemon thread (a
+    blocking lookup cannot be cancelled) and TimeoutError is raised.
     """
     result = {}
 
@@ -202,12 +202,30 @@ def _tpu_error(tpu, step, err):
 
 
 def _probe_address(master, seconds):
-    """Opens and closes a TCP connection to a grpc://host:port address."""
+    """Checks, within `seconds`, that a gRPC server answers at `master`.
+
+    TensorFlow's own connection attempt cannot be bounded: it waits inside
+    one C++ call (holding the GIL once the eager context is initialised)
+    while gRPC retries a closed port or a silent peer for minutes.
+    """
+    import grpc  # a TensorFlow dependency
+
     parsed = urlparse(master if "://" in master else f"grpc://{master}")
     if not parsed.hostname or not parsed.port:
         raise ValueError(f"cannot read host:port from {master!r}")
+    # A plain TCP connection first: a refused or unroutable address is named
+    # as such, instead of as a gRPC timeout.
     with socket.create_connection((parsed.hostname, parsed.port), timeout=seconds):
         pass
+    channel = grpc.insecure_channel(f"{parsed.hostname}:{parsed.port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=seconds)
+    except grpc.FutureTimeoutError:
+        raise TimeoutError(f"something accepts TCP connections at {parsed.hostname}:"
+                           f"{parsed.port} but no gRPC server answered within "
+                           f"{seconds:g} s") from None
+    finally:
+        channel.close()
 
 
 def tpu_strategy(tpu, timeout=None):
@@ -217,7 +235,7 @@ def tpu_strategy(tpu, timeout=None):
         tpu: a TPU name (looked up with the Cloud TPU API), a
             "grpc://host:port" address, or "local" on a TPU VM.
         timeout: seconds allowed for each connection step (resolving, TCP
-            probe, connecting); default `CONNECT_TIMEOUT_S`.
+            connection, gRPC handshake); default `CONNECT_TIMEOUT_S`.
 
     Returns:
         A `tf.distribute.TPUStrategy` over all the TPU's cores.
@@ -241,18 +259,10 @@ def tpu_strategy(tpu, timeout=None):
         resolver = _bounded(lambda: resolver_cls(tpu=tpu), seconds, "TPU resolver")
         if tpu != "local":
             master = _bounded(resolver.master, seconds, "TPU address lookup")
-            step = f"opening a TCP connection to {master}"
-            # A closed port or an unroutable host would leave
-            # experimental_connect_to_cluster retrying for minutes.
+            step = f"reaching the TPU worker at {master}"
             _probe_address(master, seconds)
-            step = f"connecting to the TPU worker at {master}"
-            # Something other than a TPU worker listening on the port also
-            # makes the gRPC handshake wait forever.
-            _bounded(lambda: tf.config.experimental_connect_to_cluster(resolver), seconds,
-                     "experimental_connect_to_cluster")
-        else:
-            step = "connecting to the local TPU"
-            tf.config.experimental_connect_to_cluster(resolver)
+        step = "connecting to the TPU" + (" worker" if tpu != "local" else "")
+        tf.config.experimental_connect_to_cluster(resolver)
         step = "initialising the TPU system (no TPU cores found?)"
         tf.tpu.experimental.initialize_tpu_system(resolver)
         step = "creating TPUStrategy"
