@@ -44,7 +44,14 @@ recipes (explicit flags override them):
   tat          SimplEsT-ViT (block vanilla): label smoothing 0.1, dropout 0.1, Adam
 
 backends: JAX (default here) supports --mesh (keras.distribution DataParallel, or
-ModelParallel for data:N,model:M). TensorFlow and torch train on a single device.
+ModelParallel for data:N,model:M). TensorFlow (KERAS_BACKEND=tensorflow) is
+data-parallel only: --mesh data:N is tf.distribute.MirroredStrategy over the N local
+GPUs (N must equal the GPUs TensorFlow sees; without GPUs, over N logical CPU devices
+set up in Python before TensorFlow starts, for tests); --tpu NAME, --tpu
+grpc://HOST:8470 or --tpu local (on a TPU VM) is TPUStrategy over all the TPU's
+cores, and an unreachable TPU is an error, not a hang (each connection step times
+out after 30 s). With --tpu, --mesh may be left out or be data:<the TPU's replica
+count>. Model and fsdp axes need JAX. torch trains on a single device.
 Exit status: 0 done, 2 bad settings / incompatible workdir / no restorable
 checkpoint, 3 non-finite loss (the step is named).
 """
@@ -122,7 +129,8 @@ def build_parser():
     r.add_argument("--keep-checkpoints", type=int, help="newest checkpoints kept")
     r.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
     r.add_argument("--log-every", type=int, help="steps between metrics.jsonl lines")
-    r.add_argument("--mesh", help="JAX only: 'data:N' or 'data:N,model:M'")
+    r.add_argument("--mesh", help="'data:N' (JAX, or TensorFlow MirroredStrategy); "
+                   "'fsdp:N', 'data:N,model:M', 'fsdp:N,model:M' (JAX only)")
     r.add_argument("--tpu", help="TensorFlow only: TPU name or grpc:// address for "
                    "tf.distribute.TPUStrategy ('local' for a TPU VM)")
     r.add_argument("--fewshot", help="few-shot shots on held-out data at the end, e.g. "

@@ -15,9 +15,9 @@ made inside it, which `train` does. `model.fit` then splits each global
 batch over the replicas and sums the gradients across them.
 
 Reaching a TPU is bounded in time: a wrong name or address, or a host where
-nothing (or something other than a TPU worker) answers, is a `ValueError`
-within about `CONNECT_TIMEOUT_S` seconds rather than a gRPC retry loop that
-never ends.
+nothing (or something other than a gRPC server) answers, is a `ValueError`
+after at most `CONNECT_TIMEOUT_S` seconds per connection step, where
+TensorFlow alone would retry for minutes.
 """
 
 import socket
@@ -106,12 +106,12 @@ def data_size(spec):
     Example:
     ```python
     data_size("data:8")          # 8
-    data_size("data:4,model:2")  # ValueError: ... needs the JAX backend
+    data_size("data:4,model:2")  # ValueError: ... KERAS_BACKEND=jax ...
     ```
     """
     for part in str(spec).split(","):
         name, _, size = part.strip().partition(":")
-        if name in _JAX_ONLY_AXES and not (size.strip() == "1" and name == "model"):
+        if name in _JAX_ONLY_AXES and size.strip() != "1":
             raise ValueError(
                 f"--mesh {spec!r}: the {name!r} axis is not supported on the TensorFlow "
                 "backend, which trains data-parallel only (MirroredStrategy / "

@@ -234,7 +234,8 @@ def train(settings, log=None, progress=True):
 
             fit_model = distill.wrap_for_training(model, config, log=log)
         fit_model.compile(optimizer=optimizer, loss=losses.get(config["loss"]),
-                          metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+                          # weighted: padded eval examples (weight 0) are not counted
+                          weighted_metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
         optimizer.build(fit_model.trainable_variables)
         manager = CheckpointManager.for_run(workdir, config["keep_checkpoints"], process_count)
         start = _restore(config, workdir, manager, model, optimizer, resuming, log)

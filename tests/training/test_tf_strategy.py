@@ -22,18 +22,21 @@ pytestmark = pytest.mark.skipif(
     reason="tf.distribute strategies (--mesh data:N, --tpu) are the TensorFlow "
            "backend's; JAX meshes are tested in test_mesh.py")
 
-# A learning rate of 0.01 with clipping at 0.1 makes every step clip and the
-# trajectory sensitive: clipping each replica's half-gradient before the
-# all-reduce (Keras' TensorFlow default) moves the losses by 1e-3 to 1e-2
-# relative within 6 steps, against ~1e-7 when the clip sees the summed one.
+# Clipping at 0.1 makes every step clip, and these learning rates make the
+# trajectory sensitive to it: clipping each replica's half-gradient before
+# the all-reduce (Keras' TensorFlow default) moved the losses by 3e-3 (adam)
+# and 1.3e-3 (adafactor) relative within 6 steps, against ~1e-7 when the clip
+# sees the summed gradient. (At lr 0.01 adam amplifies run-to-run float
+# noise to ~1e-5, too close to the 1e-4 bound, hence 0.005 for it.)
 TINY = dict(variant="mu", patch_size=4, image_size=16, batch_size=16, steps=6, log_every=1,
             checkpoint_every=3, keep_checkpoints=3, eval_every=6, fewshot="none",
-            lr=0.01, clipnorm=0.1)
+            clipnorm=0.1, lr_by_optimizer={"adam": 0.005, "adafactor": 0.01})
 
 COMMON = textwrap.dedent("""
     import json, sys
     import numpy as np
     root, tiny = sys.argv[1], json.loads(sys.argv[2])
+    lr = tiny.pop("lr_by_optimizer")
 
     def losses(workdir):
         return [json.loads(x)["loss"] for x in open(f"{workdir}/metrics.jsonl")]
@@ -75,12 +78,12 @@ MIRRORED = COMMON + textwrap.dedent("""
         workdir, logs = f"{root}/{opt}", []
         dying = opt == "adafactor"
         try:
-            summary = train({"workdir": workdir, **tiny, "optimizer": opt, "mesh": "data:2"},
-                            progress=False, log=logs.append)
+            summary = train({"workdir": workdir, **tiny, "optimizer": opt, "lr": lr[opt],
+                             "mesh": "data:2"}, progress=False, log=logs.append)
         except Interrupted:
             dying = False
-            summary = train({"workdir": workdir, **tiny, "optimizer": opt, "mesh": "data:2"},
-                            progress=False, log=logs.append)
+            summary = train({"workdir": workdir, **tiny, "optimizer": opt, "lr": lr[opt],
+                             "mesh": "data:2"}, progress=False, log=logs.append)
         # The preset written under the strategy, read back on one device,
         # must hold the final checkpoint's weights.
         model = ViT.from_preset(f"{workdir}/model")
@@ -104,7 +107,7 @@ SINGLE = COMMON + textwrap.dedent("""
     assert len(tf.config.list_logical_devices("CPU")) == 1
     runs = {}
     for opt in ("adam", "adafactor"):
-        summary = train({"workdir": f"{root}/{opt}", **tiny, "optimizer": opt},
+        summary = train({"workdir": f"{root}/{opt}", **tiny, "optimizer": opt, "lr": lr[opt]},
                         progress=False, log=lambda m: None)
         runs[opt] = {"loss": losses(f"{root}/{opt}"), "val_accuracy": summary["val_accuracy"],
                      "val_loss": summary["val_loss"]}
@@ -181,10 +184,11 @@ def test_mesh_errors_name_the_value_and_the_fix(results):
     assert "asks for 3 replicas but TensorFlow sees 2 CPU" in bad_size
     assert "device:CPU:0" in bad_size and "device:CPU:1" in bad_size
     assert "--mesh data:2" in bad_size
-    for name, axis in (("model_axis", "model"), ("fsdp_axis", "fsdp"),
-                       ("tpu_and_model", "model")):
-        assert f"the {axis!r} axis is not supported on the TensorFlow backend" in errors[name]
-        assert "KERAS_BACKEND=jax" in errors[name]
+    for name in ("model_axis", "tpu_and_model"):
+        assert "the 'model' axis is not supported on the TensorFlow backend" in errors[name]
+        assert "KERAS_BACKEND=jax" in errors[name] and "data:N" in errors[name]
+    # (distribution.setup answers FSDP itself, before dispatching to TF.)
+    assert "'fsdp:2'" in errors["fsdp_axis"] and "KERAS_BACKEND=jax" in errors["fsdp_axis"]
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adafactor"])
@@ -200,7 +204,8 @@ def _final_state(workdir):
     ckpt = workdir / "checkpoints" / f"ckpt_{TINY['steps']:08d}"
     meta = json.loads((ckpt / "meta.json").read_text())
     with np.load(ckpt / "state.npz") as state:
-        return meta["paths"], [state[f"v{i}"] for i in range(len(meta["paths"]))]
+        values = [state[f"v{i}"] for i in range(len(meta["paths"]))]
+    return meta["paths"], meta["dtypes"], values
 
 
 def test_checkpoint_resume_and_preset_under_strategy(results):
@@ -210,14 +215,22 @@ def test_checkpoint_resume_and_preset_under_strategy(results):
     assert any("Resuming from" in m and "(step 3)" in m for m in run["logs"]), run["logs"]
     for optimizer in ("adam", "adafactor"):
         # Every variable (model + MirroredVariable optimizer slots) is stored
-        # under the same path as on one device, with the same values.
-        paths_2, values_2 = _final_state(results["root"] / "mirrored" / optimizer)
-        paths_1, values_1 = _final_state(results["root"] / "single" / optimizer)
+        # under the same path as on one device, with about the same values.
+        paths_2, _, values_2 = _final_state(results["root"] / "mirrored" / optimizer)
+        paths_1, dtypes, values_1 = _final_state(results["root"] / "single" / optimizer)
         assert paths_2 == paths_1
-        for path, a, b in zip(paths_1, values_1, values_2):
+        # As in test_resume: elements whose exact gradient is zero (the
+        # attention key bias) take +-lr steps from float noise, and bfloat16
+        # slots round to a neighbour, so up to 1% of the values may differ
+        # by more than 2e-4 (measured: 0 for adam, ~0.6% for adafactor; a
+        # skipped all-reduce or a doubled update moves about a third).
+        bad = total = 0
+        for path, dtype, a, b in zip(paths_1, dtypes, values_1, values_2):
             assert a.shape == b.shape, path
-            if a.dtype.kind == "f":
-                assert np.allclose(a, b, rtol=1e-3, atol=1e-5), (optimizer, path)
+            rtol = 1e-2 if dtype == "bfloat16" else 0.0
+            bad += int(np.sum(np.abs(a - b) > 2e-4 + rtol * np.abs(a)))
+            total += a.size
+        assert bad <= 0.01 * total, (optimizer, bad, total)
         mirrored = results["mirrored"]["runs"][optimizer]
         assert mirrored["preset_missing"] == []
         assert mirrored["preset_max_diff"] == 0.0
