@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import threading
 import time
 from pathlib import Path
@@ -31,6 +32,12 @@ import numpy as np  # noqa: E402
 from keras_vitscale.training import study  # noqa: E402
 
 import results  # noqa: E402  (benchmarks/results.py: the shared RESULTS.md writer)
+
+
+def _cpu_seconds():
+    """CPU time of this process, all threads, user + system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 class LoadSampler:
@@ -98,10 +105,9 @@ def comparison(rows, fits, shots):
                 lines.append(f"  - {big} vs {small}: their compute ranges do not overlap.")
                 continue
             ratio, low, high = found
-            verdict = "lower" if ratio < 1 else "higher"
             lines.append(f"  - {big} vs {small} at matched compute ({low:.2e} to {high:.2e} "
-                         f"FLOPs): {big}'s error is {abs(1 - ratio):.0%} {verdict} on "
-                         f"average (ratio {ratio:.2f}).")
+                         f"FLOPs): {big}'s error is {ratio:.2f}x {small}'s (geometric mean "
+                         f"over the overlap; < 1: {big} uses compute better).")
     return "\n".join(lines)
 
 
@@ -110,9 +116,12 @@ def _timing_line(timing):
         return "Not timed: the runs were trained before this script ran."
     load = timing["load"]
     return (f"Wall time {timing['wall_s'] / 60:.1f} min for {timing['runs_trained']} runs "
-            "(parents and branches) on a shared machine: 1-minute load average during\n"
+            "(parents and branches) on a shared machine: 1-minute load average during "
             f"the run min {load['min']:.1f}, mean {load['mean']:.1f}, max {load['max']:.1f} "
-            f"on {timing['cpus']} cores (other agents' jobs), so an idle machine is faster.")
+            f"on {timing['cpus']} cores (other agents' jobs). The study's own CPU time was "
+            f"{timing['cpu_s'] / 60:.1f} min (user + system, all threads). The machine was "
+            "never idle, so the idle wall time is not measured; without contention it "
+            "should be about that CPU time, or less where both cores work.")
 
 
 def section(result, timing, note):
@@ -125,19 +134,22 @@ def section(result, timing, note):
                       for rows_of in [[r for r in rows if r["variant"] == v]])
     branches = "; ".join(f"{v}: {p['branch_steps']} (cooldowns {p['cooldown_steps']})"
                          for v, p in plan.items())
+    setup = (
+        f"`python tools/scaling_study.py` with no flags (the embedded default study), "
+        f"{timing['backend']} backend, {timing['cpus']} CPU cores. One long run per size "
+        f"({settings['optimizer']} lr {settings['lr']}, {settings['schedule']} schedule, batch "
+        f"{settings['batch_size']}, {settings['image_size']}x{settings['image_size']} digits, "
+        f"patch {settings['patch_size']}, depth {settings['depth']}, the widths, MLP sizes and "
+        "heads of Scaling ViT's Table 2) and one cooldown branch per branch step, cooling "
+        f"down over the last {settings['cooldown_fraction']:.0%} of the branch.\n\n"
+        f"- sizes: {sizes}\n- branch steps: {branches}\n"
+        "- compute: 3 x analytic forward FLOPs per image x images seen by the branch "
+        "(its parent's steps included)\n"
+        "- held-out error: 1 - accuracy on the 360 held-out digits; "
+        f"{shots}-shot error: 1 - mean accuracy (3 seeds) of the ridge few-shot probe on "
+        "the pre-logits features, tested on the same 360")
     text = f"""\
-`python tools/scaling_study.py` with no flags (the embedded default study),
-{timing['backend']} backend, {timing['cpus']} CPU cores ({timing['machine']}).
-One long run per size (Adam lr {settings['lr']}, {settings['schedule']} schedule,
-batch {settings['batch_size']}, {settings['image_size']}x{settings['image_size']}
-digits, patch {settings['patch_size']}, depth {settings['depth']}, widths/MLP/heads of
-Scaling ViT's Table 2), and one cooldown branch per branch step, cooling down over
-the last {settings['cooldown_fraction']:.0%} of the branch. Sizes: {sizes}.
-Branch steps: {branches}.
-Compute = 3 x analytic forward FLOPs per image x images seen by the branch
-(parent steps included). Held-out error: 1 - accuracy on the 360 held-out digits;
-{shots}-shot error: 1 - mean accuracy (3 seeds) of the ridge few-shot probe on
-the pre-logits features, tested on the same 360.
+{setup}
 
 {_timing_line(timing)}
 
@@ -168,17 +180,18 @@ def main(argv=None):
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     timing_path = Path(args.workdir) / "timing.json"
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     with LoadSampler() as sampler:
         result = study.run({"workdir": args.workdir}, progress=not args.no_progress)
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
     if result["trained"]:
         # The wall time of this call covers only the runs it trained: a study
         # resumed after a kill records its last part (runs_trained says so).
         samples = sampler.samples or [os.getloadavg()[0]]
         import keras
 
-        timing = {"wall_s": round(wall, 1), "runs_trained": result["trained"],
+        timing = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+                  "runs_trained": result["trained"],
                   "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
                   "backend": keras.backend.backend(),
                   "load": {"min": min(samples), "mean": float(np.mean(samples)),

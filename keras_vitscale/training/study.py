@@ -45,6 +45,7 @@ result["fits"]["heldout_error"]["fit"].b
 """
 
 import csv
+import io
 import json
 import math
 import os
@@ -86,7 +87,8 @@ DEFAULTS = dict(
     seed=0, shots=10,
 )
 DEFAULT_BRANCH_STEPS = {
-    "mu": (400, 800, 1600, 3200),
+    # mu has two more: cheap, they extend the frontier to low compute.
+    "mu": (100, 200, 400, 800, 1600, 3200),
     "Ti": (40, 80, 160, 320),
     "S": (20, 40, 80, 160),
 }
@@ -156,7 +158,7 @@ def resolve(settings):
     Example:
     ```python
     settings, plan = resolve({"workdir": "runs/study", "variants": "mu"})
-    plan["mu"]["cooldown_steps"]  # [100, 200, 400, 800]
+    plan["mu"]["cooldown_steps"]  # [25, 50, 100, 200, 400, 800]
     ```
     """
     given = {k: v for k, v in settings.items() if v is not None}
@@ -210,8 +212,9 @@ def _branch_steps(value, variants):
     if value is None:
         missing = [v for v in variants if v not in DEFAULT_BRANCH_STEPS]
         if missing:
+            example = " ".join(f"{v}=100,200,400" for v in variants)
             raise ValueError(f"No default branch steps for variant(s) {missing}; give them, "
-                             f"e.g. --branch-steps {' '.join(f'{v}=100,200,400' for v in variants)}.")
+                             f"e.g. --branch-steps {example}.")
         value = DEFAULT_BRANCH_STEPS
     if not isinstance(value, dict):
         value = {v: value for v in variants}
@@ -283,14 +286,10 @@ def _branch_settings(study, parent, step, cooldown, workdir):
         workdir=str(workdir), branch_from=str(parent), branch_step=step,
         cooldown_steps=cooldown, fewshot=str(study["shots"]), data_dir=study["data_dir"],
         # The branch keeps only its final checkpoint (saved at its last step).
-        checkpoint_every=cooldown, keep_checkpoints=1,
-        # The parent's model, passed explicitly: branch.resolve drops it from
-        # the inherited settings and the trainer then looks it up (KeyError
-        # 'model'). Equal to the parent's, so it is no difference to refuse.
-        model=json.loads((Path(parent) / "config.json").read_text())["model"])
+        checkpoint_every=cooldown, keep_checkpoints=1)
 
 
-def _check_workdir(workdir, study, plan):
+def _check_workdir(workdir, study):
     """Refuses a workdir holding another study, or anything but a study."""
     path = workdir / "study.json"
     if path.exists():
@@ -378,8 +377,6 @@ def write_csv(rows, path):
     """Writes the rows (dicts with the same keys) to a CSV file, atomically."""
     if not rows:
         return
-    import io
-
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
@@ -462,6 +459,10 @@ def fit_frontier(compute, error):
             notes.append(f"{len(frontier)} frontier point(s): nothing to fit")
     except (ValueError, RuntimeError) as err:  # report it, keep the study's data
         notes.append(f"fit failed: {err}")
+    if fit is not None and len(frontier) <= 4:
+        # As many points as parameters: the curve passes through every point
+        # and the standard errors are undefined (printed as nan).
+        notes.append("an exact fit, no uncertainty")
     return {"fit": fit, "frontier": frontier, "note": "; ".join(notes)}
 
 
@@ -607,7 +608,7 @@ def run(settings, log=None, progress=True):
     started = time.perf_counter()
     study, plan = resolve(settings)
     workdir = Path(study["workdir"]).expanduser()
-    resuming = _check_workdir(workdir, study, plan)
+    resuming = _check_workdir(workdir, study)
     workdir.mkdir(parents=True, exist_ok=True)
     if not resuming:
         record = {"kind": KIND, "settings": study, "plan": plan,

@@ -209,7 +209,7 @@ def test_parse_branch_steps():
     with pytest.raises(ValueError, match=r"'Ti' is not VARIANT=S1,S2"):
         study.parse_branch_steps("mu=4 Ti")
     settings, plan = study.resolve({"workdir": "x"})
-    assert plan["mu"]["cooldown_steps"] == [100, 200, 400, 800]
+    assert plan["mu"]["cooldown_steps"] == [25, 50, 100, 200, 400, 800]
     assert plan["S"] == {"branch_steps": [20, 40, 80, 160], "cooldown_steps": [5, 10, 20, 40],
                          "steps": 160, "warmup_steps": 8, "log_every": 5,
                          "checkpoint_every": 20, "keep_checkpoints": 8}
