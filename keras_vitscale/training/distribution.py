@@ -24,8 +24,9 @@ the same rule applied to its shape when it is created.
 
 Multi-host input is sharded by the data pipeline itself (one shard per
 process), so Keras' own dataset auto-sharding is turned off. The TensorFlow
-and torch backends train on one device here (TensorFlow's strategies are in
-`tf_strategy.py`); asking them for an FSDP mesh is an error that says so.
+and torch backends train on one device or data-parallel only (TensorFlow's
+strategies are in `tf_strategy.py`); asking them for a model or FSDP axis is
+an error that says so.
 """
 
 import contextlib
@@ -262,10 +263,7 @@ def setup(spec, batch_size, tpu=None):
     """
     if not spec and not tpu:
         return contextlib.nullcontext()
-    if keras.backend.backend() == "tensorflow":
-        if spec and parse_mesh(spec)["fsdp"] > 1:
-            raise ValueError(f"--mesh {spec!r}: FSDP sharding needs the JAX backend "
-                             "(KERAS_BACKEND=jax); on TensorFlow use 'data:N'.")
+    if keras.backend.backend() == "tensorflow":  # it refuses model and fsdp axes
         from keras_vitscale.training import tf_strategy
 
         return tf_strategy.setup(spec, batch_size, tpu)

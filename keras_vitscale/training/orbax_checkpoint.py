@@ -74,9 +74,11 @@ def read(path, variables):
     return meta, [state["state"][f"v{i}"] for i in range(len(variables))]
 
 
-def _first_line(err):
+def _first_line(err, limit=300):
+    """The start of an error's message (tensorstore's embed their whole spec)."""
     lines = str(err).strip().splitlines()
-    return lines[0] if lines else ""
+    line = lines[0] if lines else ""
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def _all_finite(variables):
@@ -85,11 +87,11 @@ def _all_finite(variables):
     import jax.numpy as jnp
 
     values = [v.value for v in variables]
-    flags = jax.jit(lambda xs: jnp.stack(
-        [jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True)
-         for x in xs]))(values)
-    # The flags are replicated on every process, so this reads a local copy.
-    return np.asarray(jax.device_get(flags.addressable_data(0)))
+    flags = jax.jit(lambda xs: [
+        jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True)
+        for x in xs])(values)
+    # A scalar cannot be sharded: every process holds the whole flag.
+    return [bool(np.asarray(f.addressable_data(0))) for f in flags]
 
 
 class OrbaxCheckpointManager(CheckpointManager):

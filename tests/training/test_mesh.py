@@ -65,8 +65,8 @@ SCRIPT = textwrap.dedent("""
         summary = train({"workdir": f"{root}/{name}", **tiny, "mesh": mesh},
                         progress=False, log=lambda m: None)
         rows = [json.loads(x) for x in open(f"{root}/{name}/metrics.jsonl")]
-        out[name] = {"loss": [r["loss"] for r in rows], "val": summary["val_accuracy"],
-                     "placed": dict(placed)}
+        out[name] = {"loss": [r["loss"] for r in rows], "placed": dict(placed),
+                     "val_accuracy": summary["val_accuracy"], "val_loss": summary["val_loss"]}
         keras.distribution.set_distribution(None)
 
     # From a config alone, as for compiling ViT-22B slices: same layouts.
@@ -111,8 +111,24 @@ def test_mesh_matches_single_device(runs, name):
     assert len(single) == 6
     for a, b in zip(single, runs[name]["loss"], strict=True):
         assert abs(a - b) <= 1e-4 * abs(a), (name, single, runs[name]["loss"])
-    # The eval set is padded to whole batches on a mesh; the padding must not count.
-    assert abs(runs[name]["val"] - runs["single"]["val"]) <= 1 / 360
+
+
+def test_mesh_val_accuracy_matches_single_device(runs):
+    # On a mesh the 360 held-out digits are padded to 368 with zero-weight
+    # examples; a weighted accuracy does not count them.
+    single = runs["single"]["val_accuracy"]
+    for name in ("data8", "dp4mp2", "fsdp8", "fsdp4mp2"):
+        assert abs(runs[name]["val_accuracy"] - single) <= 1e-6, (name, runs[name], single)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Keras divides each eval batch's weighted loss sum by the whole batch, padding "
+    "included, so on a mesh val_loss is 360/368 of the mean over the 360 examples. "
+    "Remove this mark once the padded eval batches are weighted to cancel that."))
+def test_mesh_val_loss_matches_single_device(runs):
+    single = runs["single"]["val_loss"]
+    for name in ("data8", "fsdp4mp2"):
+        assert abs(runs[name]["val_loss"] - single) <= 1e-4 * single, (name, runs[name], single)
 
 
 def test_fsdp_shards_weights_and_optimizer_state(runs):

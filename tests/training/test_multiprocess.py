@@ -69,6 +69,10 @@ def _values(model, optimizer):
             for v in model.variables + optimizer.variables]
 
 
+# When Orbax's read of a damaged checkpoint fails, tensorstore completes the
+# reads still in flight after Orbax's event loop has closed; Python reports
+# those callbacks as unraisable "Event loop is closed" errors. Harmless here.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @jax_only
 def test_orbax_manager_keeps_skips_corrupt_and_reads_npz(tmp_path):
     from keras_vitscale.training import checkpoint
@@ -204,9 +208,13 @@ SETTINGS = dict(variant="mu", patch_size=4, image_size=16, batch_size=16, steps=
                 optimizer="adafactor", mesh="data:4")
 
 
-def _env(devices):
+def _env(devices, cache):
+    # The persistent compilation cache lets the resumed run reuse the first
+    # run's compiled steps (in process 0, which writes the cache).
     return {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_COMPILATION_CACHE_DIR": str(cache),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
 def _result(stdout):
@@ -215,18 +223,17 @@ def _result(stdout):
 
 @jax_only
 def test_two_processes_match_one_and_resume_from_orbax(tmp_path):
-    ref = subprocess.run([sys.executable, "-c", REFERENCE, str(tmp_path / "one"),
-                          json.dumps(SETTINGS)], env=_env(4), capture_output=True,
-                         text=True, timeout=600)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    one = _result(ref.stdout)
-
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = str(s.getsockname()[1])
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(i), port, str(tmp_path),
-                               json.dumps(SETTINGS)], env=_env(2), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    settings = json.dumps(SETTINGS)
+    # The 1-process reference (4 devices) runs beside the 2-process pair
+    # (2 devices each), all with the same global batch of 16.
+    commands = [([REFERENCE, str(tmp_path / "one"), settings], 4)]
+    commands += [([CHILD, str(i), port, str(tmp_path), settings], 2) for i in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, "-c", *args], env=_env(devices, tmp_path / "xla"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for args, devices in commands]
     outputs = []
     try:
         for p in procs:
@@ -235,9 +242,9 @@ def test_two_processes_match_one_and_resume_from_orbax(tmp_path):
         for p in procs:   # one process failing leaves the other waiting at a barrier
             if p.poll() is None:
                 p.kill()
-    for p, (stdout, stderr) in zip(procs, outputs, strict=True):
+    for p, (_, stderr) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, stderr[-3000:]
-    two = [_result(stdout) for stdout, _ in outputs]
+    one, *two = [_result(stdout) for stdout, _ in outputs]
 
     for host in two:
         first, resumed = host["first"], host["resumed"]
@@ -257,4 +264,6 @@ def test_two_processes_match_one_and_resume_from_orbax(tmp_path):
         assert fsdp["step"] == 3 and fsdp["equal"], fsdp
         assert fsdp["not_addressable"] >= 10, fsdp    # kernels and their slots
         assert fsdp["qkv"] == [[32, 24]], fsdp          # (32, 96) split 4 ways
-    assert "ckpt_00000004 is corrupt" in outputs[0][1]
+    assert "ckpt_00000004 is corrupt" in outputs[1][1]
+    print("losses, 1 process:", one["loss"], "2 processes:", two[0]["first"]["loss"])
+    print("val:", {k: (one[k], two[0]["first"][k]) for k in ("val_loss", "val_accuracy")})
