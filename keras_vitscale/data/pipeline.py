@@ -122,7 +122,10 @@ def eval_dataset(source, batch_size, image_size, crop_fraction=None, one_hot=Tru
             (for feature extraction).
         pad_to_batch: pad the split to a whole number of batches with blank,
             zero-weight examples and yield (images, labels, weights); needed
-            when the batch is split over devices.
+            when the batch is split over devices. Real examples weigh
+            padded size / size: Keras divides a batch's weighted loss by the
+            whole batch, padding included, so this makes `val_loss` the mean
+            over the real examples (weighted accuracy is unchanged).
         split: another split of the source to read, e.g. `source.train`
             (few-shot features); defaults to the held-out split.
         process_index, process_count: this host and the number of hosts.
@@ -157,6 +160,8 @@ def eval_dataset(source, batch_size, image_size, crop_fraction=None, one_hot=Tru
     if pad_to_batch:
         pad = (-split.size) % batch_size
         if pad:
+            weight = (split.size + pad) / split.size
+            items = items.map(lambda item, w: (item, w * weight))
             blank = items.take(1).map(lambda item, w: (item, 0.0)).repeat(pad)
             items = items.concatenate(blank)
     items = items.shard(process_count, process_index)
@@ -169,7 +174,8 @@ def eval_dataset(source, batch_size, image_size, crop_fraction=None, one_hot=Tru
         if not pad_to_batch:
             return image, label
         # Padding is blank as well as weightless.
-        return image * weight, label * tf.cast(weight, label.dtype), weight
+        real = tf.cast(weight > 0, tf.float32)
+        return image * real, label * tf.cast(real, label.dtype), weight
 
     ds = items.map(example, num_parallel_calls=AUTOTUNE, deterministic=True)
     return ds.batch(batch_size // process_count).prefetch(AUTOTUNE)

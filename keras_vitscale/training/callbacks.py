@@ -22,7 +22,8 @@ class RunMonitor(keras.callbacks.Callback):
         start_step: the step the run resumes from.
         schedule: the learning-rate schedule (logged per step).
         manager: a `CheckpointManager`.
-        metrics_path: where metrics.jsonl lines are appended.
+        metrics_path: where metrics.jsonl lines are appended (None: not
+            written, as on the non-chief processes of a multi-process run).
         progress: show a progress bar.
         row_sinks: functions called with each metrics row (e.g. W&B).
         student: the model whose variables are checkpointed, when `fit`
@@ -39,6 +40,7 @@ class RunMonitor(keras.callbacks.Callback):
         self.schedule = schedule
         self.manager = manager
         self.metrics_path = metrics_path
+        self.last_row = None
         self.last_checkpoint = None
         steps = manager.steps()
         if steps:
@@ -75,8 +77,10 @@ class RunMonitor(keras.callbacks.Callback):
                "images_per_s": round(steps * self.config["batch_size"] / max(seconds, 1e-9), 2)}
         for key, value in logs.items():
             row[key] = float(keras.ops.convert_to_numpy(value))
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.last_row = row
+        if self.metrics_path is not None:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         # Later callbacks (TensorBoard) see the same logs dict: give them
         # the throughput too.
         if logs_in is not None:

@@ -202,6 +202,10 @@ def train(settings, log=None, progress=True):
     data.parse_augment(config["augment"])  # fail on a bad spec before any work
     run_logging.check_available(config)
     process_index, process_count = distribution.process_info()
+    # In a multi-process run every process trains, evaluates and
+    # checkpoints (Orbax coordinates); only process 0 writes the workdir's
+    # other files.
+    chief = process_index == 0
     # The strategy scope (TF) is where model and optimizer variables must be
     # made; JAX's distribution is global and its scope is a no-op.
     scope = distribution.setup(config["mesh"], config["batch_size"], tpu=config["tpu"])
@@ -217,7 +221,7 @@ def train(settings, log=None, progress=True):
         config["variant"] = None
     resuming = _check_workdir(workdir, config)
     workdir.mkdir(parents=True, exist_ok=True)
-    if not resuming:
+    if not resuming and chief:
         _write_json_atomic(workdir / "config.json", config)
 
     keras.utils.set_random_seed(config["seed"])
@@ -240,10 +244,11 @@ def train(settings, log=None, progress=True):
         manager = CheckpointManager.for_run(workdir, config["keep_checkpoints"], process_count)
         start = _restore(config, workdir, manager, model, optimizer, resuming, log)
     metrics_path = workdir / "metrics.jsonl"
-    if "branch" in config:
-        branch.copy_parent_metrics(config["branch"]["parent"], config["branch"]["step"],
-                                   metrics_path)
-    _trim_metrics(metrics_path, start)
+    if chief:
+        if "branch" in config:
+            branch.copy_parent_metrics(config["branch"]["parent"], config["branch"]["step"],
+                                       metrics_path)
+        _trim_metrics(metrics_path, start)
 
     steps, log_every = config["steps"], config["log_every"]
     train_ds = data.train_dataset(
@@ -257,9 +262,10 @@ def train(settings, log=None, progress=True):
     epochs = steps // log_every
     eval_epochs = [e for e in range(start // log_every + 1, epochs + 1)
                    if (e * log_every) % config["eval_every"] == 0 or e == epochs]
-    loggers = run_logging.create(config, workdir)
-    monitor = RunMonitor(config, start, schedule, manager, metrics_path, progress=progress,
-                         row_sinks=loggers.row_sinks, student=model)
+    loggers = run_logging.create(config, workdir) if chief else run_logging.RunLoggers()
+    monitor = RunMonitor(config, start, schedule, manager, metrics_path if chief else None,
+                         progress=progress and chief, row_sinks=loggers.row_sinks,
+                         student=model)
     if start < steps:
         log(f"Training {config['model']['variant'] or 'ViT'} ({vit_config.count_params():,} "
             f"params) on {source.name}: steps {start}->{steps}, batch "
@@ -268,15 +274,16 @@ def train(settings, log=None, progress=True):
                       steps_per_epoch=log_every, validation_data=eval_ds,
                       validation_freq=eval_epochs or 1,
                       callbacks=[monitor, *loggers.callbacks], verbose=0)
-        final = json.loads(metrics_path.read_text().strip().splitlines()[-1])
+        final = monitor.last_row
     else:
         final = {"step": start, **{f"val_{k}": float(v) for k, v in fit_model.evaluate(
             eval_ds, verbose=0, return_dict=True).items()}}
-    model.save_to_preset(str(workdir / "model"),
-                         metadata={"training": {k: config[k] for k in
-                                                ("recipe", "dataset", "steps", "optimizer",
-                                                 "lr", "schedule", "loss", "seed")}})
-    plot_curves(metrics_path, workdir / "curves.png")
+    if chief:
+        model.save_to_preset(str(workdir / "model"),
+                             metadata={"training": {k: config[k] for k in
+                                                    ("recipe", "dataset", "steps", "optimizer",
+                                                     "lr", "schedule", "loss", "seed")}})
+        plot_curves(metrics_path, workdir / "curves.png")
     summary = {"step": final["step"], "val_accuracy": final.get("val_accuracy"),
                "val_loss": final.get("val_loss"), "resumed_from": start if resuming else None,
                "fewshot": None}
@@ -284,7 +291,7 @@ def train(settings, log=None, progress=True):
         shots = [int(s) for s in str(config["fewshot"]).split(",")]
         result = fewshot_on_source(model, source, (config["image_size"],) * 2, shots)
         summary["fewshot"] = result
-        if result is not None:
+        if result is not None and chief:
             _write_json_atomic(workdir / "fewshot.json",
                                {str(k): v for k, v in result.mean.items()})
             loggers.log_fewshot(result, final["step"])

@@ -121,10 +121,6 @@ def test_mesh_val_accuracy_matches_single_device(runs):
         assert abs(runs[name]["val_accuracy"] - single) <= 1e-6, (name, runs[name], single)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Keras divides each eval batch's weighted loss sum by the whole batch, padding "
-    "included, so on a mesh val_loss is 360/368 of the mean over the 360 examples. "
-    "Remove this mark once the padded eval batches are weighted to cancel that."))
 def test_mesh_val_loss_matches_single_device(runs):
     single = runs["single"]["val_loss"]
     for name in ("data8", "fsdp4mp2"):
