@@ -10,12 +10,18 @@ tools/pretrain.py and tools/distill.py run), on the bundled digits data
 (1797 8x8 images upsampled to 32x32 RGB; 540 held-out images, so one image
 is 0.19 points):
 1. the teacher: the embedded default model (width 64, depth 4, patch 8),
-   --teacher-steps steps, seed 0;
-2. for each seed: the student (width 32, depth 2, MLP 128, 2 heads, patch 8)
-   trained on the labels alone, and the same student distilled from the
-   teacher (`--teacher WORKDIR`) at each --temperatures value with label
-   weight --label-weight, all for --steps steps with the same optimizer,
-   schedule, batch and data order (the seed sets init and data order).
+   --teacher-steps steps, seed 0, no augmentation;
+2. for each setup and seed: the student (width 32, depth 2, MLP 128, 2
+   heads, patch 8) trained on the labels alone, and the same student
+   distilled from the teacher (`--teacher WORKDIR`, label weight
+   --label-weight) at each --temperatures value, for the same steps with the
+   same optimizer, schedule, batch, augmentation and data order (the seed
+   sets init and data order). Setups:
+   - "plain": 600 steps, no augmentation (the default pipeline);
+   - "crops": 1800 steps with random-resized ("inception") crops, where a
+     crop may cut a digit so that its label no longer fits, while the
+     teacher labels each crop as it sees it (the "consistent teaching" of
+     Beyer et al. 2022).
 
 Usage:
     KERAS_BACKEND=jax python benchmarks/distillation.py
@@ -42,9 +48,13 @@ import results  # noqa: E402  (benchmarks/results.py: the shared RESULTS.md writ
 
 # The default model's family (GAP, sincos2d, patch 8), narrower and shallower.
 STUDENT = dict(width=32, depth=2, mlp_dim=128, num_heads=2)
+SETUPS = {
+    "plain": dict(steps=600),
+    "crops": dict(steps=1800, train_crop="inception"),
+}
 
 
-def _run(workdir, steps, seed, **settings):
+def _run(workdir, seed, steps, **settings):
     """Held-out accuracy and seconds of one run (no few-shot, one eval at the end)."""
     summary = train({"workdir": str(workdir), "steps": steps, "seed": seed,
                      "eval_every": steps, "checkpoint_every": steps, "fewshot": "none",
@@ -60,59 +70,74 @@ def _pct(values):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=600, help="student steps (default 600)")
+    p.add_argument("--setups", default=",".join(SETUPS), help="which setups (default: all)")
     p.add_argument("--teacher-steps", type=int, default=1200, help="teacher steps")
     p.add_argument("--seeds", type=int, default=3, help="student seeds (default 3)")
-    p.add_argument("--temperatures", default="1,2", help="distillation temperatures")
+    p.add_argument("--temperatures", default="1", help="distillation temperatures, e.g. "
+                   "'1,2' (default 1)")
     p.add_argument("--label-weight", type=float, default=0.0,
                    help="weight of the label loss in the distilled runs (default 0)")
     p.add_argument("--workdir", help="where the runs go (default: a temporary directory)")
-    p.add_argument("--quick", action="store_true", help="120 student / 240 teacher steps, "
-                   "one seed, T=1 (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: teacher 240 steps, "
+                   "students a fifth of their steps, one seed")
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args()
+    setups = {name: dict(SETUPS[name]) for name in args.setups.split(",")}
     if args.quick:
-        args.steps, args.teacher_steps, args.seeds, args.temperatures = 120, 240, 1, "1"
+        args.teacher_steps, args.seeds = 240, 1
+        for setup in setups.values():
+            setup["steps"] //= 5
     temperatures = [float(t) for t in args.temperatures.split(",")]
     root = Path(args.workdir or tempfile.mkdtemp(prefix="kvs_distill_"))
     started = time.perf_counter()
 
     teacher_dir = root / "teacher"
-    teacher_acc, teacher_s = _run(teacher_dir, args.teacher_steps, 0)
-    print(f"teacher (default model, {args.teacher_steps} steps): {100 * teacher_acc:.1f}% "
-          f"in {teacher_s} s", flush=True)
-    rows = {"labels only": []}
-    rows.update({f"distilled, T={t:g}": [] for t in temperatures})
-    for seed in range(args.seeds):
-        acc, seconds = _run(root / f"labels_{seed}", args.steps, seed, **STUDENT)
-        rows["labels only"].append(acc)
-        print(f"seed {seed} labels only: {100 * acc:.1f}% ({seconds} s)", flush=True)
-        for t in temperatures:
-            acc, seconds = _run(root / f"distilled_t{t:g}_{seed}", args.steps, seed,
-                                teacher=str(teacher_dir), distill_temperature=t,
-                                distill_label_weight=args.label_weight, **STUDENT)
-            rows[f"distilled, T={t:g}"].append(acc)
-            print(f"seed {seed} distilled T={t:g}: {100 * acc:.1f}% ({seconds} s)", flush=True)
+    teacher_acc, teacher_s = _run(teacher_dir, 0, args.teacher_steps)
+    print(f"teacher ({args.teacher_steps} steps): {100 * teacher_acc:.1f}% "
+          f"({teacher_s} s)", flush=True)
+    results_by_row = {}
+    for name, setup in setups.items():
+        runs = {"labels only": {}}
+        runs.update({f"distilled, T={t:g}": dict(teacher=str(teacher_dir),
+                                                 distill_temperature=t,
+                                                 distill_label_weight=args.label_weight)
+                     for t in temperatures})
+        for row, extra in runs.items():
+            accs = []
+            for seed in range(args.seeds):
+                tag = row.replace(", ", "_").replace(" ", "_").replace("=", "")
+                acc, seconds = _run(root / f"{name}_{tag}_{seed}", seed,
+                                    **setup, **STUDENT, **extra)
+                accs.append(acc)
+                print(f"{name}, {row}, seed {seed}: {100 * acc:.1f}% ({seconds} s)",
+                      flush=True)
+            results_by_row[(name, row)] = accs
 
-    params = {name: json.loads((root / run / "model" / "metadata.json").read_text())
-              ["parameter_count"] for name, run in (("teacher", "teacher"),
-                                                     ("student", "labels_0"))}
+    def params(run):
+        meta = json.loads((root / run / "model" / "metadata.json").read_text())
+        return meta["parameter_count"]
+
+    first = next(iter(setups))
     lines = [
-        f"Held-out accuracy (%) on digits (540 images; one image = 0.19 points), "
-        f"mean ± std over seeds {', '.join(str(s) for s in range(args.seeds))}. "
-        f"Teacher: the default model ({params['teacher']:,} params, width 64, depth 4), "
-        f"{args.teacher_steps} steps, seed 0. Student: width 32, depth 2, MLP 128, "
-        f"2 heads, patch 8 ({params['student']:,} params), {args.steps} steps of batch 64, "
-        f"Adam, cosine, lr 2e-3, the same settings in every row; distilled rows use "
-        f"`--teacher TEACHER_WORKDIR --label-weight {args.label_weight:g}`.",
+        "Held-out accuracy (%) on digits (540 images; one image = 0.19 points), mean ± "
+        f"std over seeds {', '.join(str(s) for s in range(args.seeds))}. Teacher: the "
+        f"default model ({params('teacher'):,} params: width 64, depth 4, patch 8), "
+        f"{args.teacher_steps} steps, no augmentation, seed 0. Student: width 32, depth 2, "
+        f"MLP 128, 2 heads, patch 8 ({params(f'{first}_labels_only_0'):,} params); every "
+        "run uses the default recipe (BF16Adam, cosine, lr 2e-3, batch 64). Setups: "
+        + "; ".join(f"**{name}** {setup['steps']} steps"
+                    + (f", `--train-crop {setup['train_crop']}`" if "train_crop" in setup
+                       else ", no augmentation") for name, setup in setups.items())
+        + f". Distilled rows: `--teacher TEACHER_WORKDIR --label-weight "
+        f"{args.label_weight:g}` (they never see a label when it is 0).",
         "",
-        "| model | accuracy | vs teacher | per seed |",
-        "|---|---|---|---|",
-        f"| teacher | {100 * teacher_acc:.1f} | | |",
+        "| setup | model | accuracy | vs teacher | per seed |",
+        "|---|---|---|---|---|",
+        f"| | teacher | {100 * teacher_acc:.1f} | | |",
     ]
-    for name, accs in rows.items():
+    for (name, row), accs in results_by_row.items():
         gap = 100 * (statistics.mean(accs) - teacher_acc)
-        lines.append(f"| student, {name} | {_pct(accs)} | {gap:+.1f} | "
+        lines.append(f"| {name} | student, {row} | {_pct(accs)} | {gap:+.1f} | "
                      f"{', '.join(f'{100 * a:.1f}' for a in accs)} |")
     lines += ["", f"Keras {keras.version()}, {keras.backend.backend()} backend, "
               f"{platform.machine()} CPU ({os.cpu_count()} cores, shared with other "

@@ -19,22 +19,25 @@ import sys
 
 # tools/ is on sys.path when this file runs as a script; loaded any other way
 # (tests, runpy) it may not be, and pretrain.py is its neighbour.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pretrain  # noqa: E402  (sets the JAX backend default as that tool does)
 
 from keras_vitscale.training import recipes  # noqa: E402
 
+DEFAULT_WORKDIR = os.path.join("runs", "digits_distilled")
 EPILOG = """\
 distillation:
   loss = (1 - w) * T^2 * KL(teacher_T || student_T) + w * label loss
-  where _T is the class distribution at temperature T (logits / T), w is
-  --label-weight and the label loss is the run's --loss (with --label-smoothing).
+  where teacher_T and student_T are the class distributions at temperature T
+  (softmax of logits / T), w is --label-weight and the label loss is the run's
+  --loss (with its --label-smoothing).
   With --loss sigmoid, the KL is between per-class Bernoulli distributions,
   summed over classes (the teacher's logits read as the sigmoid loss trains them).
   Defaults T = 1, w = 0: pure function matching (Beyer et al. 2022, "Knowledge
   distillation: a good teacher is patient and consistent"); the teacher sees the
-  very same augmented images as the student. Try T 2-4 or w 0.1-0.5 on short runs.
+  very same augmented images as the student (benchmarks/RESULTS.md has digits runs).
 
   The teacher is frozen (inference mode, not in the optimizer, never checkpointed)
   and must predict the data's number of classes; a mismatch stops the run before
@@ -53,6 +56,10 @@ def build_parser():
                      "(--student VARIANT, or the pretraining default model) with "
                      "keras_vitscale, around model.fit, with every pretraining flag.")
     p.epilog = EPILOG
+    for action in p._actions:  # argparse has no public way to reword one flag's help
+        if action.dest == "workdir":
+            action.help = (f"run directory (default {DEFAULT_WORKDIR} for digits; "
+                           "required otherwise)")
     b = recipes.BASE
     d = p.add_argument_group("distillation")
     d.add_argument("--teacher", required=True, metavar="PRESET_OR_WORKDIR",
@@ -79,7 +86,7 @@ def main(argv=None):
     if args.student is not None:
         args.variant = args.student
     del args.student
-    return pretrain.main(args=args, default_workdir=os.path.join("runs", "digits_distilled"))
+    return pretrain.main(args=args, default_workdir=DEFAULT_WORKDIR)
 
 
 if __name__ == "__main__":

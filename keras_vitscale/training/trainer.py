@@ -219,6 +219,10 @@ def train(settings, log=None, progress=True):
     config["model"] = vit_config.to_dict()
     if config.get("preset"):
         config["variant"] = None
+    if config.get("teacher"):  # a bad teacher fails before the workdir is touched
+        from keras_vitscale.training import distill
+
+        distill.check_teacher(config)
     resuming = _check_workdir(workdir, config)
     workdir.mkdir(parents=True, exist_ok=True)
     if not resuming and chief:
