@@ -264,10 +264,10 @@ def matmul_gflops(n=2048, tries=3):
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def contenders(backends, timm_compile, mode):
+def contenders(backends, timm_compile, mode, keras_hub=True):
     out = []
     for backend in backends:
-        out += [("kvs", backend), ("keras-hub", backend)]
+        out += [("kvs", backend)] + ([("keras-hub", backend)] if keras_hub else [])
     out.append(("timm-eager", "timm"))
     if timm_compile == "all" or timm_compile == mode:
         out.append(("timm-compile", "timm"))
@@ -296,7 +296,8 @@ def run(args):
             for mode in args.modes:
                 repeats = args.repeats or (5 if variant == "S/16" else 3)
                 ready = []
-                for contender, kind in contenders(args.backends, args.timm_compile, mode):
+                for contender, kind in contenders(args.backends, args.timm_compile, mode,
+                                                  args.keras_hub):
                     name = label(contender, kind)
                     if contender == "keras-hub" and kind in hub_missing:
                         rows.append(dict(variant=variant, batch=batch, mode=mode, name=name,
@@ -346,7 +347,15 @@ def _cpu_model():
     return platform.processor() or "unknown"
 
 
-def report(res, args):
+def report(res, args, title=None):
+    """The Markdown section: set-up, versions, load, matmul peak and the table.
+
+    Args:
+        res: `run`'s result (or the same read back from --raw).
+        args: the parsed arguments (for the warm-up count).
+        title: the "## " heading (default: this script's).
+    """
+    title = title or "Throughput: images/s vs timm and keras-hub (benchmarks/throughput.py)"
     peak = statistics.median(res["peaks"]) if res["peaks"] else float("nan")
     reference = {}
     for row in res["rows"]:
@@ -379,7 +388,7 @@ def report(res, args):
                          if not str(val).startswith("not available"))
     fmt = lambda t: " ".join(f"{x:.2f}" for x in t)  # noqa: E731
     header = [
-        "## Throughput: images/s vs timm and keras-hub (benchmarks/throughput.py)",
+        f"## {title}",
         "",
         f"Date: {datetime.date.today().isoformat()}. Machine: {os.cpu_count()} cores, "
         f"{_cpu_model()}, {platform.machine()}, no GPU; shared with other jobs.",
@@ -403,11 +412,19 @@ def report(res, args):
     return "\n".join(header)
 
 
-def write_section(text):
-    results.write_section("throughput", text)
+def build_parser(description, modes=("infer", "train"), timm_compile="infer", keras_hub=True,
+                 raw="throughput_raw.json"):
+    """The command line, with defaults a front script (train_throughput.py) may change.
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    Args:
+        description: the --help text.
+        modes: default --modes.
+        timm_compile: default --timm-compile.
+        keras_hub: whether keras-hub's ViT is a contender by default.
+        raw: file name (in $TMPDIR) of the raw timings.
+    """
+    tmp = os.environ.get("TMPDIR", "/tmp")
+    p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See the module docstring for what is timed.")
     p.add_argument("--models", nargs="+", default=["S/16", "B/16"],
@@ -416,27 +433,39 @@ def main(argv=None):
                    help="batch sizes (default: 8; 32 roughly quadruples the run time).")
     p.add_argument("--backends", nargs="+", default=["jax", "tensorflow", "torch"],
                    choices=["jax", "tensorflow", "torch"], help="Keras backends.")
-    p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    p.add_argument("--modes", nargs="+", default=list(modes), choices=["infer", "train"],
+                   help=f"what to time (default: {' '.join(modes)}).")
+    p.add_argument("--keras-hub", action=argparse.BooleanOptionalAction, default=keras_hub,
+                   help="time keras-hub's ViTBackbone too (default: %(default)s).")
     p.add_argument("--repeats", type=int, default=0,
                    help="timed rounds per case (default: 5 for S/16, 3 for larger models).")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed steps after the first (compiling) one (default: 1).")
-    p.add_argument("--timm-compile", choices=["none", "infer", "train", "all"], default="infer",
-                   help="where to add the torch.compile contender (default: infer; its "
-                        "compile takes minutes, for training longer).")
+    p.add_argument("--timm-compile", choices=["none", "infer", "train", "all"],
+                   default=timm_compile,
+                   help="where to add the torch.compile contender (default: %(default)s; "
+                        "its compile takes minutes, for training longer).")
     p.add_argument("--quick", action="store_true",
                    help="ViT-S/16, batch 8, 3 rounds, no torch.compile; does not write RESULTS.md.")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone.")
-    p.add_argument("--log", default=os.path.join(os.environ.get("TMPDIR", "/tmp"),
-                                                 "throughput_workers.log"),
-                   help="where the workers' stderr goes.")
-    p.add_argument("--raw", default=os.path.join(os.environ.get("TMPDIR", "/tmp"),
-                                                 "throughput_raw.json"),
-                   help="where the raw per-round timings are saved (JSON).")
+    p.add_argument("--log", default=os.path.join(tmp, raw.replace("_raw.json", "_workers.log")),
+                   help="where the workers' stderr goes (default: %(default)s).")
+    p.add_argument("--raw", default=os.path.join(tmp, raw),
+                   help="where the raw per-round timings are saved, JSON (default: %(default)s).")
     p.add_argument("--from-raw", action="store_true",
                    help="re-make the table from --raw without measuring.")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def execute(args, section, title=None):
+    """Measures (or reads --raw), prints the report, writes RESULTS.md's `section`.
+
+    Args:
+        args: `build_parser(...).parse_args()`.
+        section: the RESULTS.md marker name, e.g. "throughput".
+        title: the report's heading (default: `report`'s).
+    """
     if args.worker:
         return worker(args.worker)
     if args.quick:
@@ -449,11 +478,16 @@ def main(argv=None):
         res = run(args)
         with open(args.raw, "w") as f:
             json.dump(res, f)
-    text = report(res, args)
+    text = report(res, args, title)
     print("\n" + text)
     if not args.no_write:
-        write_section(text)
-        print(f"\nwrote section to {RESULTS}")
+        results.write_section(section, text)
+        print(f"\nwrote section {section!r} to {RESULTS}")
+
+
+def main(argv=None):
+    args = build_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    return execute(args, "throughput")
 
 
 if __name__ == "__main__":

@@ -11,27 +11,35 @@ bytes from XLA's `memory_analysis()` and the collectives (all-gather,
 reduce-scatter, all-reduce, all-to-all, collective-permute, with their
 bytes) from the compiled per-device program.
 
-Extrapolation model (`extrapolate`), for a full-depth model on a mesh of any
-size, from slices of the same width compiled on a small mesh:
+Extrapolation model (`extrapolate`), for a full-depth model on a mesh of
+the same kind (same "model" size, any data or fsdp size), from slices of
+the same width compiled at two or more depths:
 
     per-device peak(L, N) = arguments(L, N) + temporaries(L, N) + other outputs
-    arguments(L, N)   = sum over variables of their shard on one device under
-                        the N-device mesh's layouts, plus the batch: exact, read
-                        from the same layouts the training tool uses (checked
-                        against XLA's argument bytes on the simulated mesh);
-    temporaries(L, N) = t0 + t1 * L                     (fit on the slices)
+    arguments(L, N)   = the sum over variables of one device's shard under
+                        the N-device mesh's layouts, plus the batch shard:
+                        exact, from the layouts the training tool uses
+                        (equal to XLA's argument bytes to the byte);
+    temporaries(L, N) = t0 + t1 * L                  (least squares on slices)
                         + gradients(L, N) - gradients(L, n)
+    other outputs     = the same linear fit (a few bytes: parameters and
+                        optimizer state are donated)
 
 where L is the depth, n the simulated mesh size and gradients(L, N) the
-per-device bytes of the gradients, which XLA allocates as temporaries and
-which are sharded like their parameters. Everything else in the
-temporaries (activations at a fixed batch per shard, weights all-gathered by
-FSDP one layer at a time, the optimizer's update scratch) is taken as
-independent of the shard count. Part of the update scratch does shrink with
-more shards, so beyond the simulated mesh the prediction errs high
-(conservatively). `fit_depth` fits t0, t1 by least squares; the slice
-depths it is not given check it (see benchmarks/sharding_simulation.py and
-tests/test_sharding_plan.py).
+per-device gradient bytes (sharded like their parameters), which XLA counts
+as temporaries. With N = n (compile on the target mesh itself) only the
+depth is extrapolated; the slice depths not used in the fit check it. With
+N > n everything else in the temporaries (activations at a fixed batch per
+shard, weights FSDP gathers, update scratch) is taken as independent of the
+shard count. That holds for data and data+model meshes (the per-device
+program does not change with the data size) but not for FSDP: XLA's
+partitioner chooses by size, and with a small global batch (8 devices) it
+moves activations rather than gathering weights, while at 256-1024 devices
+it gathers every block's weights; it also replicates tensors whose
+dimensions the larger mesh does not divide. JAX compiles for 1024 virtual
+CPU devices without trouble, so compile FSDP slices on the pod mesh itself
+(benchmarks/sharding_simulation.py measures both: scaling fsdp:8 slices
+underestimated ViT-22B on fsdp:1024 9-17x).
 
 How the model is built without memory: `abstract_variables` makes every
 Keras variable created inside it keep its shape, dtype and layout (from the
@@ -41,17 +49,21 @@ defers initialisation only until the scope exits, and reading a deferred
 variable during the functional build runs its (unseeded) initializer inside
 a trace, so this patches the JAX variable's initialisation for the duration.
 
-Not modelled: remat (XLA's CPU buffer assignment does not lower the peak for
-`jax.checkpoint` regions, see benchmarks/RESULTS.md's memory validation, so
-run the slices with `remat=False` and read activation savings from
-`kvs.memory.estimate`), framework workspace on GPU/TPU, and the overlap of
-collectives with compute (the CPU schedule is not a TPU's).
+The numbers are XLA-on-CPU's. On CPU the partitioner's all-reduce + slice
+of each full gradient stays (there is no reduce-scatter pass), FSDP weights
+are gathered in their float32 parameter dtype and cast to bfloat16 after,
+and the buffer assignment does not turn remat (`jax.checkpoint`) into a
+lower peak (see the memory validation in benchmarks/RESULTS.md). TPU and
+GPU compilers run other passes and schedules, so read the FSDP figures as
+likely high. Framework workspace and the overlap of collectives with
+compute are not modelled.
 
 Example:
 ```python
-# XLA_FLAGS=--xla_force_host_platform_device_count=8 KERAS_BACKEND=jax python
-from keras_vitscale import presets, sharding_plan as sp
-config = presets.builtin_config("vit_22b14")            # 48 blocks, 22B params
+# KERAS_BACKEND=jax python
+from keras_vitscale import sharding_plan as sp
+sp.use_virtual_devices(8)                                # before JAX starts
+config = sp.model_config("vit_22b14")                    # 48 blocks, 22B params
 slices = [sp.compile_train_step(config.replace(depth=d), "fsdp:8", "adam")
           for d in (1, 2)]                               # full width, 1 and 2 blocks
 print(slices[1].peak / 2**30, slices[1].collectives["all-gather"])
@@ -84,6 +96,67 @@ def _check_backend():
         raise RuntimeError(
             f"keras_vitscale.sharding_plan compiles with XLA through JAX; the Keras "
             f"backend is {keras.backend.backend()!r}. Set KERAS_BACKEND=jax.")
+
+
+# The CPU compiler's default scheduler favours concurrency over memory; the
+# memory-minimising one is closer to what a TPU/GPU compiler aims for and
+# lowered the slices' temporaries by up to 30% here. Optimisation level 0 skips
+# LLVM's work on code that is never run (it halves compile time; the memory
+# analysis is the same).
+SIMULATION_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false "
+                        "--xla_backend_optimization_level=0")
+
+
+def use_virtual_devices(num_devices, flags=SIMULATION_XLA_FLAGS):
+    """Makes JAX start with `num_devices` virtual CPU devices; returns them.
+
+    Must run before anything asks JAX for its devices (importing Keras or
+    keras_vitscale is fine).
+
+    Args:
+        num_devices: how many CPU devices (the largest mesh to compile).
+        flags: other XLA flags (default `SIMULATION_XLA_FLAGS`).
+
+    Example:
+    ```python
+    devices = use_virtual_devices(1024)   # then compile fsdp:1024 slices
+    ```
+    """
+    import os
+
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [
+        os.environ.get("XLA_FLAGS", ""),
+        f"--xla_force_host_platform_device_count={int(num_devices)}", flags]))
+    import jax
+
+    devices = jax.devices()
+    if len(devices) < num_devices:
+        raise RuntimeError(
+            f"JAX started with {len(devices)} device(s) before use_virtual_devices("
+            f"{num_devices}) ran; call it first, or set XLA_FLAGS="
+            f"--xla_force_host_platform_device_count={num_devices} before starting Python.")
+    return devices
+
+
+def scale_mesh(spec, num_devices):
+    """The same kind of mesh on `num_devices`: the data or fsdp size grows.
+
+    Example:
+    ```python
+    scale_mesh("data:2,model:4", 1024)  # "data:256,model:4"
+    ```
+    """
+    from keras_vitscale.training.distribution import parse_mesh
+
+    axes = parse_mesh(spec)
+    if num_devices % axes["model"]:
+        raise ValueError(f"{num_devices} devices cannot hold mesh {spec!r}'s "
+                         f"model:{axes['model']}; use a multiple of {axes['model']}.")
+    batch = "fsdp" if axes["fsdp"] > 1 else "data"
+    parts = [f"{batch}:{num_devices // axes['model']}"]
+    if axes["model"] > 1:
+        parts.append(f"model:{axes['model']}")
+    return ",".join(parts)
 
 
 @contextlib.contextmanager
@@ -519,8 +592,8 @@ def extrapolate(config, spec, slices, min_size=None):
     from keras_vitscale.training.distribution import parse_mesh
 
     small, big = parse_mesh(first.spec), parse_mesh(spec)
-    if ((small["data"] > 1) != (big["data"] > 1) or (small["fsdp"] > 1) != (big["fsdp"] > 1)
-            or small["model"] != big["model"]):
+    kind = lambda axes: ("fsdp" if axes["fsdp"] > 1 else "data", axes["model"])  # noqa: E731
+    if kind(small) != kind(big):
         raise ValueError(
             f"extrapolate from slices on {first.spec!r} to {spec!r}: the target must be "
             "the same kind of mesh with the same model size (only the data or fsdp "
@@ -536,3 +609,113 @@ def extrapolate(config, spec, slices, min_size=None):
     peak = target["arguments"] + temps_full + extra.predict(config.depth)
     return {"arguments": target["arguments"], "gradients": target["gradients"],
             "temps": int(temps_full), "peak": int(peak), "fit": temps}
+
+
+def simulate(config, meshes, optimizers=OPTIMIZERS, depths=(1, 2), scale_to=(),
+             batch_per_shard=1, dtype_policy="mixed_bfloat16", min_size=None, log=None,
+             compile_fn=None):
+    """Compiles depth slices of `config` per mesh and optimizer; extrapolates.
+
+    Args:
+        config: the full model's `ViTConfig`; slices keep its width.
+        meshes: mesh specs to compile on, e.g. ["data:8", "fsdp:8",
+            "data:2,model:4"] (needs that many devices, see
+            `use_virtual_devices`).
+        optimizers: names from `OPTIMIZERS`.
+        depths: slice depths (two or more).
+        scale_to: device counts to extrapolate each mesh to, e.g. (256, 1024)
+            (`scale_mesh`: the data or fsdp size grows).
+        batch_per_shard: examples per batch shard.
+        dtype_policy: the model's Keras dtype policy.
+        min_size: FSDP's smallest sharded variable (default: the tool's).
+        log: optional callable given one line per compiled slice.
+        compile_fn: what compiles a slice, with `compile_train_step`'s
+            signature (default: it); e.g. a wrapper that caches.
+
+    Returns:
+        One dict per (mesh, optimizer): "mesh", "optimizer", "slices" (the
+        `StepMemory`s), "per_layer" (peak bytes each block adds),
+        "collectives_per_layer" ({op: bytes each block adds}) and "full"
+        ({mesh spec: `extrapolate` dict} for the mesh itself and each
+        scaled one).
+
+    Example:
+    ```python
+    rows = simulate(config, ["fsdp:8"], ["adam"], scale_to=(1024,))
+    rows[0]["full"]["fsdp:1024"]["peak"] / 2**30
+    ```
+    """
+    compile_fn = compile_fn or compile_train_step
+    rows = []
+    for mesh in meshes:
+        for optimizer in optimizers:
+            slices = []
+            for depth in depths:
+                step = compile_fn(config.replace(depth=depth), mesh, optimizer,
+                                  batch_per_shard, dtype_policy, min_size=min_size)
+                slices.append(step)
+                if log:
+                    log(f"{config.variant or 'ViT'} {mesh} {optimizer} depth {depth}: "
+                        f"peak {step.peak / 2**30:.2f} GiB per device, compiled in "
+                        f"{step.compile_seconds:.0f} s")
+            targets = [mesh] + [scale_mesh(mesh, n) for n in scale_to]
+            full = {spec: extrapolate(config, spec, slices, min_size) for spec in targets}
+            per_op = {op: fit_depth(depths, [s.collectives[op]["bytes"] for s in slices])
+                      .per_layer for op in COLLECTIVES}
+            rows.append({"mesh": mesh, "optimizer": optimizer, "slices": slices,
+                         "per_layer": fit_depth(depths, [s.peak for s in slices]).per_layer,
+                         "collectives_per_layer": per_op, "full": full})
+    return rows
+
+
+def format_table(rows, depth):
+    """A Markdown table of `simulate`'s rows (GiB per device).
+
+    Args:
+        rows: `simulate`'s result for one model.
+        depth: the full model's depth (for the header).
+    """
+    gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+    mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
+    depths = [s.depth for s in rows[0]["slices"]]
+    header = (["mesh", "optimizer"] + [f"{d} block{'s' * (d > 1)}" for d in depths]
+              + ["per block", f"{depth} blocks: mesh (scaled meshes)",
+                 "collectives per block MiB (AG/RS/AR/A2A/CP)"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        full = row["full"]
+        scaled = ", ".join(f"{spec} {gib(x['peak'])}" for spec, x in full.items()
+                           if spec != row["mesh"])
+        target = gib(full[row["mesh"]]["peak"]) + (f" ({scaled})" if scaled else "")
+        ops = "/".join(mib(max(0, row["collectives_per_layer"][op])) for op in COLLECTIVES)
+        cells = ([row["mesh"], row["optimizer"]] + [gib(s.peak) for s in row["slices"]]
+                 + [gib(row["per_layer"]), target, ops])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def model_config(name, **overrides):
+    """The `ViTConfig` for a preset name ("vit_22b14") or a variant ("22B/14").
+
+    A variant that a built-in preset has ("G/14" -> vit_bigG14) gets that
+    preset's recipe (MAP head, ViT-22B's parallel blocks and qk-norm), so
+    the simulated model is the one the presets train; "vit_*" presets come
+    before others of the same variant (SimplEsT-ViT's "S/16").
+
+    Example:
+    ```python
+    model_config("22B/14").block   # "parallel"
+    ```
+    """
+    from keras_vitscale import presets
+    from keras_vitscale.config import ViTConfig
+
+    if name in presets.REGISTRY:
+        return presets.builtin_config(name, **overrides)
+    # The plain ViT preset first: "S/16" is also SimplEsT-ViT's variant.
+    matches = sorted((not preset.startswith("vit_"), preset)
+                     for preset, entry in presets.REGISTRY.items()
+                     if entry["config"].get("variant") == name)
+    if matches:
+        return presets.builtin_config(matches[0][1], **overrides)
+    return ViTConfig.from_variant(name, **overrides)

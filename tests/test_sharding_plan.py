@@ -15,25 +15,23 @@ from keras_vitscale import sharding_plan as sp
 # even these small tensors, as it shards the real ones (>= 2**20 elements).
 SCRIPT = textwrap.dedent("""
     import json
-    import jax
     from keras_vitscale import ViTConfig, sharding_plan as sp
-    assert len(jax.devices()) == 8, jax.devices()
-    cfg = ViTConfig(width=64, depth=3, mlp_dim=256, num_heads=4, patch_size=8,
-                    image_size=32, num_classes=16, pooling="map")
+    assert len(sp.use_virtual_devices(8)) == 8
+    cfg = ViTConfig(width=32, depth=3, mlp_dim=128, num_heads=2, patch_size=8,
+                    image_size=16, num_classes=8, pooling="gap")
     def run(spec, depth, opt="adam"):
         return sp.compile_train_step(cfg.replace(depth=depth), spec, opt,
                                      batch_per_shard=2, dtype_policy="float32", min_size=0)
     out = {}
-    steps = {(spec, d): run(spec, d) for spec in ("data:8", "fsdp:8", "fsdp:4")
-             for d in (1, 2, 3) if not (spec == "fsdp:4" and d == 3)}
+    steps = {(spec, d): run(spec, d) for spec in ("data:8", "fsdp:8") for d in (1, 2, 3)
+             if (spec, d) != ("data:8", 3)}
     steps[("data:2,model:4", 1)] = run("data:2,model:4", 1)
     for (spec, d), s in steps.items():
         out[f"{spec}@{d}"] = dict(arguments=s.arguments, layout=s.layout, peak=s.peak,
                                   collectives=s.collectives)
     fsdp8 = [steps[("fsdp:8", d)] for d in (1, 2)]
-    fsdp4 = [steps[("fsdp:4", d)] for d in (1, 2)]
     out["depth_check"] = sp.extrapolate(cfg, "fsdp:8", fsdp8, min_size=0)["peak"]
-    out["shard_check"] = sp.extrapolate(cfg, "fsdp:8", fsdp4, min_size=0)["peak"]
+    out["scaled"] = sp.scale_mesh("data:2,model:4", 1024)
     out["layout16"] = sp.layout_memory(cfg, "fsdp:16", "adam", "float32", 2, min_size=0)
     out["layout8"] = sp.layout_memory(cfg, "fsdp:8", "adam", "float32", 2, min_size=0)
     try:
@@ -50,9 +48,7 @@ def simulated():
         pytest.skip("sharding_plan compiles the step with XLA through JAX (KERAS_BACKEND=jax)")
     # The 8 virtual devices must exist before JAX starts, so the compiles run
     # in a fresh process (this one's JAX already has its single device).
-    env = {**os.environ, "KERAS_BACKEND": "jax",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
-                        "--xla_backend_optimization_level=0"}
+    env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": ""}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -71,7 +67,7 @@ def test_fsdp_cuts_argument_bytes_eightfold(simulated):
     def state(step):
         return step["layout"]["params"] + step["layout"]["optimizer_state"]
 
-    for depth in (1, 2, 3):
+    for depth in (1, 2):
         ratio = state(simulated[f"fsdp:8@{depth}"]) / state(simulated[f"data:8@{depth}"])
         assert 1 / 8 <= ratio <= 1.03 / 8, (depth, ratio)
     # On placeholder devices: twice the shards, about half the bytes each.
@@ -80,7 +76,7 @@ def test_fsdp_cuts_argument_bytes_eightfold(simulated):
 
 
 def test_collectives_follow_the_mesh(simulated):
-    for depth in (1, 2, 3):
+    for depth in (1, 2):
         data = simulated[f"data:8@{depth}"]["collectives"]
         fsdp = simulated[f"fsdp:8@{depth}"]["collectives"]
         assert data["all-gather"]["count"] == 0, data        # weights are replicated
@@ -93,17 +89,15 @@ def test_collectives_follow_the_mesh(simulated):
     assert simulated["data:2,model:4@1"]["collectives"]["all-reduce"]["count"] >= 1
 
 
-def test_extrapolation_reproduces_held_out_slices(simulated):
+def test_extrapolation_reproduces_held_out_slice(simulated):
+    # Fit on 1 and 2 blocks, predict the peak with 3 blocks within 5% (about
+    # 2% off at this tiny width; 0-6% on the ViT-G/14 to ViT-22B slices of
+    # benchmarks/RESULTS.md).
     measured = simulated["fsdp:8@3"]["peak"]
-    # Depth: fit on 1 and 2 blocks, predict 3 (within 5%).
     assert abs(simulated["depth_check"] - measured) <= 0.05 * measured, (
         simulated["depth_check"], measured)
-    # Depth and devices at once: fit on fsdp:4 slices, predict fsdp:8 with 3
-    # blocks. The prediction may only err high (the module docstring says
-    # why), by at most 15%.
-    assert measured <= simulated["shard_check"] <= 1.15 * measured, (
-        simulated["shard_check"], measured)
     assert "same kind of mesh" in simulated["kind_error"]
+    assert simulated["scaled"] == "data:256,model:4"
 
 
 def test_count_collectives_reads_tuples_and_comments():
@@ -126,3 +120,14 @@ def test_fit_depth_needs_two_depths():
     assert fit.predict(48) == pytest.approx(151.0)
     with pytest.raises(ValueError, match="two or more distinct depths"):
         sp.fit_depth([2, 2], [1.0, 1.0])
+
+
+def test_model_config_and_scale_mesh():
+    assert sp.model_config("22B/14").block == "parallel"       # the vit_22b14 recipe
+    assert sp.model_config("vit_bigG14").pooling == "map"
+    assert sp.model_config("S/16").block == "sequential"        # vit_s16, not SimplEsT
+    assert sp.model_config("M/16").depth == 12                  # no preset: the variant
+    assert sp.scale_mesh("fsdp:8", 1024) == "fsdp:1024"
+    assert sp.scale_mesh("data:2,model:4", 256) == "data:64,model:4"
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sp.scale_mesh("data:2,model:4", 10)

@@ -1,20 +1,33 @@
 """Which ViT variants fit on a device, with which optimizer and batch size.
 
-Prints one row per variant and one column per optimizer; each cell is the
-largest power-of-two batch per device whose training step fits in the given
-device memory ("-": not even batch 1), in the spirit of the Scaling ViT
-paper's study of model shape versus optimizer memory.
+Table mode (default, analytic, `kvs.memory.estimate`): one row per variant
+and one column per optimizer; each cell is the largest power-of-two batch
+per device whose training step fits in the given device memory ("-": not
+even batch 1), in the spirit of the Scaling ViT paper's study of model
+shape versus optimizer memory.
+
+--simulate (JAX, `keras_vitscale.sharding_plan`): compiles, without running
+or allocating, the training step of full-width slices (1 and 2 blocks) of
+each model on virtual CPU devices under the training tool's meshes, reads
+XLA's per-device memory and collectives, and extrapolates to full depth and
+to larger meshes (--scale-to).
 
 Example:
     python tools/plan_memory.py --device-memory 16GiB
     python tools/plan_memory.py --device-memory 80GiB --compute-dtype bfloat16 \\
         --remat --mesh data:8,fsdp:4
+    KERAS_BACKEND=jax python tools/plan_memory.py --simulate --variants 22B/14 \\
+        --meshes fsdp:8 data:2,model:4 --scale-to 256 1024 --device-memory 16GiB
 """
 
 import argparse
+import math
 import sys
 
 DEFAULT_VARIANTS = "Ti/16,S/16,B/16,L/16,H/14,g/14,G/14,e/14,22B/14"
+SIMULATE_VARIANTS = "G/14,e/14,22B/14"
+SIMULATE_OPTIMIZERS = "scaling_adafactor,bf16_adam,adam"
+SIMULATE_MESHES = ["data:8", "fsdp:8", "data:2,model:4"]
 
 
 def parse_args(argv=None):
@@ -26,20 +39,34 @@ def parse_args(argv=None):
             "scaling_adafactor: bfloat16 momentum + factored second moment; "
             "sgd: none). Estimates count parameters, gradients, optimizer "
             "state and saved activations (see keras_vitscale/memory.py); "
-            "leave headroom for framework workspace."
+            "leave headroom for framework workspace. With --simulate (JAX): compile, "
+            "never run, the sharded training step of 1- and 2-block full-width slices on "
+            "virtual CPU devices under the training tool's meshes, read XLA's per-device "
+            "memory and collectives, and extrapolate to full depth and to --scale-to "
+            "devices (see keras_vitscale/sharding_plan.py)."
         ),
-        epilog="Example: python tools/plan_memory.py --device-memory 16GiB --remat",
+        epilog=("Examples: python tools/plan_memory.py --device-memory 16GiB --remat; "
+                "KERAS_BACKEND=jax python tools/plan_memory.py --simulate --variants 22B/14 "
+                "--meshes fsdp:8 --scale-to 1024 --device-memory 16GiB"),
     )
     parser.add_argument("--device-memory", default="16GiB", help="memory per device, e.g. 16GiB, 80GB (default: 16GiB).")
-    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated variants (default: {DEFAULT_VARIANTS}).")
-    parser.add_argument("--optimizers", default="adam,bf16_adam,scaling_adafactor,sgd", help="comma-separated optimizers (default: all four).")
+    parser.add_argument("--variants", default=None, help=f"comma-separated variants or preset names (default: {DEFAULT_VARIANTS}; with --simulate {SIMULATE_VARIANTS}, each with its preset's recipe).")
+    parser.add_argument("--optimizers", default=None, help=f"comma-separated optimizers (default: all four; with --simulate {SIMULATE_OPTIMIZERS}, sgd is not simulated).")
     parser.add_argument("--image-size", type=int, default=224, help="image side in pixels (default: 224).")
     parser.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000).")
     parser.add_argument("--param-dtype", default="float32", help="float32 or bfloat16 (default: float32).")
-    parser.add_argument("--compute-dtype", default="float32", help="activation dtype, float32 or bfloat16 (default: float32).")
+    parser.add_argument("--compute-dtype", default="float32", help="activation dtype, float32 or bfloat16 (default: float32; --simulate: see --dtype-policy).")
     parser.add_argument("--remat", action="store_true", help="rematerialise each block in the backward pass.")
-    parser.add_argument("--mesh", default=None, help="device mesh, e.g. data:8,fsdp:4,model:2 (default: one device).")
-    parser.add_argument("--max-batch", type=int, default=4096, help="largest per-device batch tried (default: 4096).")
+    parser.add_argument("--mesh", default=None, help="table mode: device mesh, e.g. data:8,fsdp:4,model:2 (default: one device).")
+    parser.add_argument("--max-batch", type=int, default=4096, help="table mode: largest per-device batch tried (default: 4096).")
+    sim = parser.add_argument_group(
+        "--simulate", "compile sharded training steps on virtual CPU devices (JAX backend)")
+    sim.add_argument("--simulate", action="store_true", help="compile slices and extrapolate instead of the analytic table.")
+    sim.add_argument("--meshes", nargs="+", default=SIMULATE_MESHES, metavar="SPEC", help=f"training-tool mesh specs to compile on, space-separated (default: {' '.join(SIMULATE_MESHES)}); virtual CPU devices are made for the largest.")
+    sim.add_argument("--depths", default="1,2", help="comma-separated slice depths to fit on (default: 1,2).")
+    sim.add_argument("--scale-to", nargs="*", type=int, default=[256, 1024], metavar="N", help="device counts to extrapolate each mesh to, the data or fsdp size growing (default: 256 1024).")
+    sim.add_argument("--batch-per-shard", type=int, default=1, help="examples per batch shard, i.e. global batch / (data*fsdp) (default: 1).")
+    sim.add_argument("--dtype-policy", default="mixed_bfloat16", help="Keras dtype policy of the model (default: mixed_bfloat16: float32 weights, bfloat16 compute).")
     return parser.parse_args(argv)
 
 
@@ -55,15 +82,63 @@ def largest_batch(memory, variant, optimizer, budget, max_batch, **kw):
     return best
 
 
+def _names(text, default):
+    return [x.strip() for x in (text or default).split(",") if x.strip()]
+
+
+def simulate(args):
+    """--simulate: compiled slices per mesh and optimizer, extrapolated."""
+    import keras
+
+    from keras_vitscale import memory, sharding_plan
+    from keras_vitscale.training import distribution
+
+    if keras.backend.backend() != "jax":
+        sys.exit(f"--simulate compiles with XLA through JAX; the Keras backend is "
+                 f"{keras.backend.backend()!r}. Run with KERAS_BACKEND=jax.")
+    optimizers = _names(args.optimizers, SIMULATE_OPTIMIZERS)
+    unknown = sorted(set(optimizers) - set(sharding_plan.OPTIMIZERS))
+    if unknown:
+        sys.exit(f"--simulate does not know optimizer(s) {unknown}; choose from "
+                 f"{list(sharding_plan.OPTIMIZERS)}.")
+    depths = [int(d) for d in _names(args.depths, "")]
+    budget = memory.parse_bytes(args.device_memory)
+    size = max(math.prod(distribution.parse_mesh(m).values()) for m in args.meshes)
+    sharding_plan.use_virtual_devices(size)
+    results = {}
+    for name in _names(args.variants, SIMULATE_VARIANTS):
+        config = sharding_plan.model_config(name, image_size=args.image_size,
+                                            num_classes=args.num_classes, remat=args.remat)
+        rows = sharding_plan.simulate(
+            config, args.meshes, optimizers, depths, args.scale_to, args.batch_per_shard,
+            args.dtype_policy, log=lambda line: print(line, file=sys.stderr, flush=True))
+        print(f"\n{name}: {config.count_params() / 1e9:.2f}B parameters, {config.depth} "
+              f"blocks, {args.image_size}px, {args.dtype_policy}, batch {args.batch_per_shard} "
+              f"per shard, remat={args.remat}. Peak GiB per device (XLA on CPU):")
+        print(sharding_plan.format_table(rows, config.depth))
+        fitting = [f"{spec} {row['optimizer']}" for row in rows
+                   for spec, full in row["full"].items() if full["peak"] <= budget]
+        print(f"Fits in {memory.format_bytes(budget)} at {config.depth} blocks: "
+              f"{', '.join(fitting) or 'none of these'}.")
+        if args.scale_to and any("fsdp" in m for m in args.meshes):
+            print("Caution: FSDP figures scaled from a smaller mesh can be far off (XLA "
+                  "shards differently at another batch size; see benchmarks/RESULTS.md); "
+                  "compile on the target mesh itself, e.g. --meshes fsdp:1024 --scale-to.")
+        results[name] = rows
+    return results
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.simulate:
+        return simulate(args)
     # Imported after parsing so that --help answers without loading Keras.
     from keras_vitscale import memory
 
     budget = memory.parse_bytes(args.device_memory)
     mesh = memory.parse_mesh(args.mesh)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    variants = _names(args.variants, DEFAULT_VARIANTS)
+    optimizers = _names(args.optimizers, "adam,bf16_adam,scaling_adafactor,sgd")
     kw = dict(image_size=args.image_size, num_classes=args.num_classes,
               param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
               remat=args.remat, mesh=mesh)
