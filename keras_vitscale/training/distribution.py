@@ -302,6 +302,22 @@ def check_model_parallel(model, spec):
         variable_layout(v.path, v.shape, axes, min_size=math.inf)
 
 
+def wait_for_all_processes(name):
+    """JAX multi-process runs: returns once every process has got here.
+
+    Process 0 writes the workdir after training while the others have
+    nothing left to do; without this they would reach JAX's shutdown barrier
+    first and time it out.
+    """
+    if keras.backend.backend() == "jax":
+        import jax
+
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(name)
+
+
 def process_info():
     """(process index, process count): JAX's in a multi-host run, else (0, 1)."""
     if keras.backend.backend() == "jax":

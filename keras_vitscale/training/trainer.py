@@ -8,6 +8,8 @@ results. Everything lands in the workdir (see `tools/pretrain.py --help`).
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -126,6 +128,19 @@ def _restore(config, workdir, manager, model, optimizer, resuming, log):
     if resuming:
         log(f"{workdir} has this run's config but no checkpoint yet; starting at step 0.")
     return 0
+
+
+def _save_final_preset(model, config, directory, chief):
+    """WORKDIR/model. In a multi-process JAX run reading the weights is a
+    collective, so every process saves; the others into a scratch directory
+    they then delete."""
+    target = directory if chief else Path(tempfile.mkdtemp(prefix="kvs_preset_"))
+    try:
+        model.save_to_preset(str(target), metadata={"training": {k: config[k] for k in (
+            "recipe", "dataset", "steps", "optimizer", "lr", "schedule", "loss", "seed")}})
+    finally:
+        if not chief:
+            shutil.rmtree(target, ignore_errors=True)
 
 
 def fewshot_on_source(model, source, image_size, shots=(1, 5, 10), seeds=3, l2_reg=2.0**10,
@@ -282,11 +297,8 @@ def train(settings, log=None, progress=True):
     else:
         final = {"step": start, **{f"val_{k}": float(v) for k, v in fit_model.evaluate(
             eval_ds, verbose=0, return_dict=True).items()}}
+    _save_final_preset(model, config, workdir / "model", chief)
     if chief:
-        model.save_to_preset(str(workdir / "model"),
-                             metadata={"training": {k: config[k] for k in
-                                                    ("recipe", "dataset", "steps", "optimizer",
-                                                     "lr", "schedule", "loss", "seed")}})
         plot_curves(metrics_path, workdir / "curves.png")
     summary = {"step": final["step"], "val_accuracy": final.get("val_accuracy"),
                "val_loss": final.get("val_loss"), "resumed_from": start if resuming else None,
@@ -300,6 +312,7 @@ def train(settings, log=None, progress=True):
                                {str(k): v for k, v in result.mean.items()})
             loggers.log_fewshot(result, final["step"])
     loggers.finish()
+    distribution.wait_for_all_processes("keras_vitscale.train:end")
     summary["seconds"] = round(time.perf_counter() - started, 1)
     return summary
 

@@ -37,7 +37,8 @@ def test_eval_shards_cover_the_held_out_split_once():
             np.testing.assert_array_equal(hx, x.numpy()[h::2])
             np.testing.assert_array_equal(hy, y.numpy()[h::2])
             np.testing.assert_array_equal(hw, w.numpy()[h::2])
-    assert sum(float(b[2].numpy().sum()) for host in hosts for b in host) == 360
+    weights = np.concatenate([b[2].numpy() for host in hosts for b in host])
+    assert (weights > 0).sum() == 360  # every real example once, padding weightless
     with pytest.raises(ValueError, match="needs pad_to_batch=True"):
         data.eval_dataset(source, 16, (16, 16), process_index=0, process_count=2)
 
@@ -136,12 +137,9 @@ CHILD = textwrap.dedent("""
     from keras_vitscale.training.orbax_checkpoint import OrbaxCheckpointManager
     assert (jax.process_count(), len(jax.devices()), len(jax.local_devices())) == (2, 4, 2)
     out = {}
-    # Every process of train() writes the workdir's logs and preset, so each
-    # gets its own workdir; checkpoints/ links to one directory, as on shared
-    # storage.
-    workdir = f"{root}/p{pid}"
-    os.makedirs(workdir)
-    os.symlink(f"{root}/shared_checkpoints", f"{workdir}/checkpoints")
+    # One workdir for both, as on shared storage: Orbax coordinates the
+    # checkpoints and only process 0 writes the other files.
+    workdir = f"{root}/shared"
     settings = {"workdir": workdir, **json.loads(sys.argv[4])}
     for run in ("first", "resumed"):
         summary = train(settings, progress=False, log=lambda m: None)
@@ -154,7 +152,7 @@ CHILD = textwrap.dedent("""
         if run == "first" and pid == 0:
             # Lose the last checkpoint's arrays: a resume must fall back to step 2.
             import pathlib
-            state = pathlib.Path(f"{root}/shared_checkpoints/ckpt_00000004/state")
+            state = pathlib.Path(f"{workdir}/checkpoints/ckpt_00000004/state")
             for f in [f for f in state.rglob("*") if f.parent.name == "d"]:
                 f.unlink()
         multihost_utils.sync_global_devices(run + " corrupted")
