@@ -167,16 +167,13 @@ def main(argv=None, args=None, default_workdir=os.path.join("runs", "digits")):
             return 2
         settings["workdir"] = default_workdir
 
-    from keras_vitscale.training import TrainingError, NonFiniteLossError, train
+    from keras_vitscale.training import TrainingError, train
+    from keras_vitscale.training.errors import report
 
     try:
         summary = train(settings, progress=not args.no_progress)
-    except NonFiniteLossError as err:
-        print(f"\nERROR: {err}", file=sys.stderr, flush=True)
-        return 3
     except (ValueError, TrainingError) as err:
-        print(f"\nERROR: {err}", file=sys.stderr, flush=True)
-        return 2
+        return report(err)
     acc = summary["val_accuracy"]
     print(f"\nstep {summary['step']}: held-out accuracy "
           f"{'n/a' if acc is None else f'{acc:.4f}'}, loss {summary['val_loss']}; "

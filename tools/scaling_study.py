@@ -115,16 +115,13 @@ def main(argv=None):
     if settings["branch_steps"] is not None:
         settings["branch_steps"] = " ".join(settings["branch_steps"])
 
-    from keras_vitscale.training import NonFiniteLossError, TrainingError
+    from keras_vitscale.training import TrainingError
+    from keras_vitscale.training.errors import report
 
     try:
         result = study_lib.run(settings, progress=not args.no_progress)
-    except NonFiniteLossError as err:
-        print(f"\nERROR: {err}", file=sys.stderr, flush=True)
-        return 3
     except (ValueError, TrainingError) as err:
-        print(f"\nERROR: {err}", file=sys.stderr, flush=True)
-        return 2
+        return report(err)
     shots = result["settings"]["shots"]
     print("\n" + study_lib.format_table(result["rows"], shots))
     print("\n" + study_lib.format_fits(result["fits"]))

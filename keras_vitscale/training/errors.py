@@ -30,3 +30,12 @@ class IncompatibleWorkdirError(TrainingError):
 
 class CheckpointError(TrainingError):
     """No checkpoint in the workdir could be restored."""
+
+
+def report(err):
+    """Prints an error that stopped a tool's run; returns the tool's exit
+    status: 3 for a non-finite loss, 2 for bad settings and other stops."""
+    import sys
+
+    print(f"\nERROR: {err}", file=sys.stderr, flush=True)
+    return 3 if isinstance(err, NonFiniteLossError) else 2
