@@ -10,7 +10,7 @@ from keras import ops
 from keras_vitscale.layers.attention import MultiHeadSelfAttention, attend
 from keras_vitscale.layers.dense import FusedXavierUniform, TokenDense, project
 from keras_vitscale.layers.dropout import seeded_dropout
-from keras_vitscale.layers.mlp import MLP, MLP_BIAS_INIT, gelu
+from keras_vitscale.layers.mlp import MLP, gelu, mlp_bias_initializer
 
 
 class RematBlock(keras.layers.Layer):
@@ -94,7 +94,7 @@ class FusedInProjection(keras.layers.Layer):
                                             initializer="zeros")
         if c.mlp_bias:
             self.mlp_bias = self.add_weight(name="mlp_bias", shape=(m,),
-                                            initializer=MLP_BIAS_INIT)
+                                            initializer=mlp_bias_initializer())
 
     def call(self, x):
         d = self.config.width

@@ -1,17 +1,31 @@
 """The transformer MLP: Dense -> GELU -> Dense (big_vision's MlpBlock)."""
 
+import math
+
 import keras
 from keras import ops
 
 from keras_vitscale.layers.dense import TokenDense
 from keras_vitscale.layers.dropout import seeded_dropout
 
-# big_vision initialises MLP biases with normal(1e-6), not zeros.
-MLP_BIAS_INIT = keras.initializers.RandomNormal(stddev=1e-6)
+def mlp_bias_initializer():
+    """big_vision initialises MLP biases with normal(1e-6), not zeros.
+
+    A new initializer per weight, made at build time: a seedless Keras
+    initializer draws its seed when it is constructed, so one shared
+    module-level instance would take its seed at import, before
+    `keras.utils.set_random_seed`, differ from process to process, and give
+    every MLP bias in the model the same values.
+    """
+    return keras.initializers.RandomNormal(stddev=1e-6)
 
 
 def gelu(x, flavour):
     """GELU: "tanh" approximation (big_vision) or "exact" erf form (timm)."""
+    if flavour == "exact" and keras.backend.backend() == "jax":
+        # The same function as jax.nn.gelu(approximate=False), which is written
+        # with erfc: on XLA-CPU erfc and its derivative cost twice erf's.
+        return 0.5 * x * (1.0 + ops.erf(x * math.sqrt(0.5)))
     return ops.gelu(x, approximate=(flavour == "tanh"))
 
 
@@ -42,9 +56,9 @@ class MLP(keras.layers.Layer):
 
     def build(self, input_shape):
         self.dense_1 = TokenDense(self.hidden_dim, use_bias=self.use_bias, name="dense_1",
-                                  bias_initializer=MLP_BIAS_INIT, dtype=self.dtype_policy)
+                                  bias_initializer=mlp_bias_initializer(), dtype=self.dtype_policy)
         self.dense_2 = TokenDense(input_shape[-1], use_bias=self.use_bias, name="dense_2",
-                                  bias_initializer=MLP_BIAS_INIT, dtype=self.dtype_policy)
+                                  bias_initializer=mlp_bias_initializer(), dtype=self.dtype_policy)
         self.dense_1.build(input_shape)
         self.dense_2.build(tuple(input_shape[:-1]) + (self.hidden_dim,))
 
