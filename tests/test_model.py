@@ -84,6 +84,20 @@ def test_big_vision_init_statistics():
     assert qkv.max() <= limit and qkv.max() > 0.95 * limit
     mlp_bias = w["encoder_block_0/mlp/dense_1/bias"]
     assert 0 < np.std(mlp_bias) < 1e-5
+    # Every MLP bias draws its own values (one shared seeded initializer gave
+    # them all the same ones, seeded at import rather than by the run's seed).
+    assert not np.array_equal(mlp_bias[:384], w["encoder_block_0/mlp/dense_2/bias"])
+    assert not np.array_equal(mlp_bias, w["encoder_block_1/mlp/dense_1/bias"])
+
+
+def test_same_seed_same_weights():
+    weights = []
+    for _ in range(2):
+        keras.utils.set_random_seed(3)
+        model = kvs.ViT(**TINY, head_zero_init=False)
+        weights.append([keras.ops.convert_to_numpy(v) for v in model.weights])
+    for a, b in zip(*weights, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_dropout_only_in_training():

@@ -8,14 +8,21 @@ from keras_vitscale.layers.dropout import seeded_dropout
 
 
 def _use_xla_cpu_path():
-    # PERF-NOTES rule 3: on CPU under JAX a plain softmax(QK^T)V is 5-12%
-    # faster than dot_product_attention's XLA path; elsewhere the fused
-    # kernel (cuDNN / flash / torch SDPA) is the one to use.
-    if keras.backend.backend() != "jax":
-        return False
-    import jax
+    # PERF-NOTES rule 3: on CPU a plain softmax(QK^T)V in head-major layout is
+    # faster than dot_product_attention's XLA path (JAX: +28% inference, +12%
+    # training for ViT-S/16; TensorFlow: +11% inference; RESULTS.md
+    # "jax_formulations"); elsewhere the fused kernel (cuDNN / flash / torch
+    # SDPA) is the one to use.
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
 
-    return jax.default_backend() == "cpu"
+        return jax.default_backend() == "cpu"
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return not tf.config.list_logical_devices("GPU")
+    return False
 
 
 def attention(query, key, value, bias=None):
@@ -32,8 +39,8 @@ def attention(query, key, value, bias=None):
         return ops.dot_product_attention(query, key, value, bias=bias)
     scale = ops.cast(1.0 / (query.shape[-1] ** 0.5), query.dtype)
     # Head-major (B, H, N, dh) operands and plain batched matmuls: written as
-    # "bthd,bshd->bhts" einsums, XLA-CPU fuses both products and the softmax
-    # into one YNNPACK call that ran 3x slower than this (PERF-NOTES rule 3).
+    # "bthd,bshd->bhts" einsums, XLA-CPU fused both products and the softmax
+    # into one YNNPACK call that ran 3x slower than this.
     q = ops.transpose(query * scale, (0, 2, 1, 3))
     k = ops.transpose(key, (0, 2, 3, 1))
     v = ops.transpose(value, (0, 2, 1, 3))
