@@ -8,6 +8,7 @@ from keras import ops
 from keras_vitscale.layers.dense import TokenDense
 from keras_vitscale.layers.dropout import seeded_dropout
 
+
 def mlp_bias_initializer():
     """big_vision initialises MLP biases with normal(1e-6), not zeros.
 
