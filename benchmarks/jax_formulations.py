@@ -46,12 +46,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-import keras_vitscale as kvs  # noqa: E402
 import results  # noqa: E402  (benchmarks/results.py: the shared RESULTS.md writer)
+from throughput import IMAGE_SIZE, LEARNING_RATE, NUM_CLASSES, WEIGHT_DECAY  # noqa: E402
+from throughput import _kvs_model as make_model  # noqa: E402  (timm-like kvs.ViT)
 
 ATTENTION = importlib.import_module("keras_vitscale.layers.attention")
 MLP = importlib.import_module("keras_vitscale.layers.mlp")
-IMAGE_SIZE, NUM_CLASSES = 224, 1000
 
 
 def einsum_attention(query, key, value, bias=None):
@@ -79,12 +79,6 @@ COMPILER_OPTIONS = {
 }
 
 
-def make_model(variant):
-    return kvs.ViT(variant=variant, num_classes=NUM_CLASSES, image_size=IMAGE_SIZE,
-                   pooling="tok", posemb="learn", posemb_covers_class_token=True,
-                   gelu="exact")
-
-
 def data(batch):
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, (batch, IMAGE_SIZE, IMAGE_SIZE, 3)).astype("float32")
@@ -100,7 +94,8 @@ def formulation_cases(variant, batch):
         for name, (attention, gelu) in VARIANTS.items():
             ATTENTION.attention, MLP.gelu = attention, gelu
             model = make_model(variant)
-            model.compile(optimizer=keras.optimizers.AdamW(1e-4, weight_decay=0.05),
+            optimizer = keras.optimizers.AdamW(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+            model.compile(optimizer=optimizer,
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
             infer = lambda m=model: m.predict_on_batch(images)  # noqa: E731
             train = lambda m=model: m.train_on_batch(images, labels)  # noqa: E731

@@ -1,5 +1,7 @@
 """Multi-head self-attention with fused QKV, optional QK-LayerNorm."""
 
+import functools
+
 import keras
 from keras import ops
 
@@ -7,10 +9,11 @@ from keras_vitscale.layers.dense import FusedXavierUniform, TokenDense
 from keras_vitscale.layers.dropout import seeded_dropout
 
 
+@functools.cache  # the backend and its devices are fixed for the process
 def _use_xla_cpu_path():
     # PERF-NOTES rule 3: on CPU a plain softmax(QK^T)V in head-major layout is
-    # faster than dot_product_attention's XLA path (JAX: +28% inference, +12%
-    # training for ViT-S/16; TensorFlow: +11% inference; RESULTS.md
+    # faster than dot_product_attention's XLA path (ViT-S/16 on JAX: +12-28%
+    # inference, +4-12% training; on TensorFlow +11% inference; RESULTS.md
     # "jax_formulations"); elsewhere the fused kernel (cuDNN / flash / torch
     # SDPA) is the one to use.
     backend = keras.backend.backend()

@@ -1,5 +1,7 @@
 """The errors a training run stops with; each names what went wrong and the fix."""
 
+import sys
+
 
 class TrainingError(RuntimeError):
     """Base class: a run that cannot start or must stop."""
@@ -35,7 +37,5 @@ class CheckpointError(TrainingError):
 def report(err):
     """Prints an error that stopped a tool's run; returns the tool's exit
     status: 3 for a non-finite loss, 2 for bad settings and other stops."""
-    import sys
-
     print(f"\nERROR: {err}", file=sys.stderr, flush=True)
     return 3 if isinstance(err, NonFiniteLossError) else 2
