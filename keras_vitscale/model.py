@@ -61,7 +61,7 @@ def _build_graph(config, dtype):
     def encoder_norm(x):
         if c.block == "vanilla":  # SimplEsT-ViT has no normalisation at all
             return x
-        return keras.layers.LayerNormalization(
+        return L.LayerNorm(
             epsilon=c.layer_norm_epsilon, center=c.norm_bias, name="encoder_norm",
             dtype=dtype)(x)
 

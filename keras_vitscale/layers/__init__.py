@@ -14,6 +14,7 @@ from keras_vitscale.layers.embedding import (
 )
 from keras_vitscale.layers.flexi import pi_resize_patch_kernel, resize_patch
 from keras_vitscale.layers.mlp import MLP
+from keras_vitscale.layers.normalization import LayerNorm
 from keras_vitscale.layers.pooling import MAPHead
 from keras_vitscale.layers.simplest import (
     ESPAAttention,

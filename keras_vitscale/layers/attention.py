@@ -7,6 +7,7 @@ from keras import ops
 
 from keras_vitscale.layers.dense import FusedXavierUniform, TokenDense
 from keras_vitscale.layers.dropout import seeded_dropout
+from keras_vitscale.layers.normalization import LayerNorm
 
 
 @functools.cache  # the backend and its devices are fixed for the process
@@ -97,10 +98,10 @@ class MultiHeadSelfAttention(keras.layers.Layer):
                               kernel_initializer="glorot_uniform", dtype=self.dtype_policy)
         self.query_norm = self.key_norm = None
         if qk_norm:
-            self.query_norm = keras.layers.LayerNormalization(
+            self.query_norm = LayerNorm(
                 epsilon=layer_norm_epsilon, center=norm_bias, name="query_norm",
                 dtype=self.dtype_policy)
-            self.key_norm = keras.layers.LayerNormalization(
+            self.key_norm = LayerNorm(
                 epsilon=layer_norm_epsilon, center=norm_bias, name="key_norm",
                 dtype=self.dtype_policy)
         self.dropout = seeded_dropout(dropout_rate, dtype=self.dtype_policy)

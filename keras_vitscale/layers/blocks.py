@@ -11,6 +11,7 @@ from keras_vitscale.layers.attention import MultiHeadSelfAttention, attend
 from keras_vitscale.layers.dense import FusedXavierUniform, TokenDense, project
 from keras_vitscale.layers.dropout import seeded_dropout
 from keras_vitscale.layers.mlp import MLP, gelu, mlp_bias_initializer
+from keras_vitscale.layers.normalization import LayerNorm
 
 
 class RematBlock(keras.layers.Layer):
@@ -34,7 +35,7 @@ class RematBlock(keras.layers.Layer):
 
 
 def layer_norm(config, name, dtype, center=None):
-    return keras.layers.LayerNormalization(
+    return LayerNorm(
         epsilon=config.layer_norm_epsilon,
         center=config.norm_bias if center is None else center, name=name, dtype=dtype)
 

@@ -6,6 +6,7 @@ from keras import ops
 from keras_vitscale.layers.attention import attention, merge_heads, split_heads
 from keras_vitscale.layers.dense import TokenDense
 from keras_vitscale.layers.mlp import MLP
+from keras_vitscale.layers.normalization import LayerNorm
 
 
 class MAPHead(keras.layers.Layer):
@@ -37,7 +38,7 @@ class MAPHead(keras.layers.Layer):
         self.query = TokenDense(width, name="query", dtype=dtype)
         self.key_value = TokenDense(2 * width, name="key_value", dtype=dtype)
         self.out = TokenDense(width, name="out", dtype=dtype)
-        self.norm = keras.layers.LayerNormalization(
+        self.norm = LayerNorm(
             epsilon=layer_norm_epsilon, name="norm", dtype=dtype)
         self.mlp = MLP(mlp_dim, gelu_flavour=gelu_flavour, name="mlp", dtype=dtype)
 
