@@ -3,16 +3,21 @@
 Figures, not assertions. The profile of the JAX step (jax.profiler trace of
 ViT-S/16, batch 8, per-thunk times joined to the compiled HLO) showed the
 attention as one YNNPACK fusion of QK^T, softmax and AV taking 27% of the
-forward pass, and the exact GELU's erfc among the largest elementwise
-fusions. This script measures the changes made for them, each against the
-formulation it replaced, in one process, in interleaved rounds:
+forward pass, the exact GELU's erfc among the largest elementwise fusions,
+and, in the backward pass, LayerNorm-gradient fusions of up to 179 operands
+(each block's residual gradient recomputed from every later block's). This
+script measures the changes made for them, each against the formulation it
+replaced, in one process, in interleaved rounds:
 
 - `before`: attention written as "bthd,bshd->bhts" einsums, GELU as
   `jax.nn.gelu(approximate=False)` (erfc); the code before this change;
 - `+ head-major attention`: (B, H, N, dh) operands and batched matmuls (the
   current `keras_vitscale.layers.attention.attention`);
 - `+ erf GELU`: the same function written with erf (the current
-  `keras_vitscale.layers.mlp.gelu`), i.e. the library as it is now.
+  `keras_vitscale.layers.mlp.gelu`);
+- `+ LayerNorm gradient`: `keras_vitscale.layers.LayerNorm`'s hand-written
+  gradient instead of differentiating `keras.layers.LayerNormalization`,
+  i.e. the library as it is now.
 
 Each variant is traced while its formulation is patched in, so after the
 first (compiling) step the patches no longer matter and the variants can be
@@ -52,6 +57,8 @@ from throughput import _kvs_model as make_model  # noqa: E402  (timm-like kvs.Vi
 
 ATTENTION = importlib.import_module("keras_vitscale.layers.attention")
 MLP = importlib.import_module("keras_vitscale.layers.mlp")
+NORM = importlib.import_module("keras_vitscale.layers.normalization")
+KERAS_LAYER_NORM = keras.layers.LayerNormalization.call  # autodiff through Keras' op
 
 
 def einsum_attention(query, key, value, bias=None):
@@ -68,10 +75,12 @@ def erfc_gelu(x, flavour):
     return ops.gelu(x, approximate=(flavour == "tanh"))
 
 
+# (attention, GELU, LayerNorm.call) for each variant.
 VARIANTS = {
-    "before": (einsum_attention, erfc_gelu),
-    "+ head-major attention": (ATTENTION.attention, erfc_gelu),
-    "+ erf GELU (current)": (ATTENTION.attention, MLP.gelu),
+    "before": (einsum_attention, erfc_gelu, KERAS_LAYER_NORM),
+    "+ head-major attention": (ATTENTION.attention, erfc_gelu, KERAS_LAYER_NORM),
+    "+ erf GELU": (ATTENTION.attention, MLP.gelu, KERAS_LAYER_NORM),
+    "+ LayerNorm gradient (current)": (ATTENTION.attention, MLP.gelu, NORM.LayerNorm.call),
 }
 COMPILER_OPTIONS = {
     "default": {},
@@ -88,11 +97,11 @@ def data(batch):
 def formulation_cases(variant, batch):
     """{name: (infer step, train step)}, each traced under its formulation."""
     images, labels = data(batch)
-    current = ATTENTION.attention, MLP.gelu
+    current = ATTENTION.attention, MLP.gelu, NORM.LayerNorm.call
     cases = {}
     try:
-        for name, (attention, gelu) in VARIANTS.items():
-            ATTENTION.attention, MLP.gelu = attention, gelu
+        for name, (attention, gelu, layer_norm) in VARIANTS.items():
+            ATTENTION.attention, MLP.gelu, NORM.LayerNorm.call = attention, gelu, layer_norm
             model = make_model(variant)
             optimizer = keras.optimizers.AdamW(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
             model.compile(optimizer=optimizer,
@@ -103,7 +112,7 @@ def formulation_cases(variant, batch):
                 step()
             cases[name] = (infer, train)
     finally:
-        ATTENTION.attention, MLP.gelu = current
+        ATTENTION.attention, MLP.gelu, NORM.LayerNorm.call = current
     return cases
 
 
