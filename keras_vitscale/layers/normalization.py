@@ -1,7 +1,9 @@
 """LayerNorm with a hand-written backward pass on JAX.
 
-Same weights, config and forward result as `keras.layers.LayerNormalization`
-(it is a subclass); only how the gradient is computed differs.
+Same weights and config as `keras.layers.LayerNormalization` (it is a
+subclass) and the same forward result to float32 rounding (the variance is
+taken of the centred input, where Keras uses E[x^2] - E[x]^2); what differs
+is how the gradient is computed.
 
 Why: differentiated as ordinary ops, a pre-LN encoder's residual-stream
 gradient is a long chain of cheap elementwise adds (each block's LayerNorm
