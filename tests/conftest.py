@@ -43,3 +43,19 @@ def random_images(config, batch=2, seed=0):
     rng = np.random.default_rng(seed)
     shape = (batch, *config.image_size, config.in_channels)
     return rng.uniform(-1, 1, shape).astype("float32")
+
+
+def compiled_gradient_hlo(model, batch=4):
+    """XLA's compiled HLO text for the gradient of sum(logits^2) (JAX only)."""
+    import jax
+    import jax.numpy as jnp
+
+    trainable = [v.value for v in model.trainable_variables]
+    frozen = [v.value for v in model.non_trainable_variables]
+    images = jnp.asarray(random_images(model.config, batch=batch))
+
+    def loss(trainable):
+        logits, _ = model.stateless_call(trainable, frozen, images, training=True)
+        return jnp.sum(logits**2)
+
+    return jax.jit(jax.grad(loss)).lower(trainable).compile().as_text()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import keras_vitscale as kvs
+from conftest import compiled_gradient_hlo
 from keras_vitscale.layers.normalization import LayerNorm
 
 EPSILON = 1e-6
@@ -60,7 +61,7 @@ def _torch_value_and_grads(x, gamma, beta, upstream):
 @pytest.mark.parametrize("center,scale", [(True, True), (False, True), (True, False)])
 def test_matches_torch_layer_norm_forward_and_gradients(center, scale):
     rng = np.random.default_rng(0)
-    # Large mean and spread: a one-pass variance would lose digits here.
+    # A non-zero mean and spread, so centring and scaling both matter.
     x = (rng.normal(size=(2, 7, 16)) * 3 + 5).astype("float32")
     upstream = rng.normal(size=x.shape).astype("float32")
     layer = LayerNorm(epsilon=EPSILON, center=center, scale=scale)
@@ -103,20 +104,9 @@ def test_backward_fusions_do_not_grow_with_depth():
     # Differentiated as plain ops, XLA-CPU fused each block's residual
     # gradient with every later block's (82 operands at depth 4, 156 at
     # depth 8): O(depth^2) work. The hand-written gradient keeps it flat.
-    import jax
-    import jax.numpy as jnp
-
     def widest_loop_fusion(depth):
-        model = kvs.ViT(width=32, depth=depth, mlp_dim=64, num_heads=2, patch_size=8,
-                        image_size=32, num_classes=10)
-        trainable = [v.value for v in model.trainable_variables]
-        frozen = [v.value for v in model.non_trainable_variables]
-        images = jnp.ones((4, 32, 32, 3))
-
-        def loss(trainable):
-            return jnp.sum(model.stateless_call(trainable, frozen, images, training=True)[0] ** 2)
-
-        hlo = jax.jit(jax.grad(loss)).lower(trainable).compile().as_text()
+        hlo = compiled_gradient_hlo(kvs.ViT(width=32, depth=depth, mlp_dim=64, num_heads=2,
+                                            patch_size=8, image_size=32, num_classes=10))
         fusions = re.findall(r"= \S+ fusion\((.*?)\), kind=kLoop", hlo)
         assert fusions, "no loop fusion found: the check would pass vacuously"
         return max(operands.count("%") for operands in fusions)
