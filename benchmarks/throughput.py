@@ -30,6 +30,13 @@ with k = 1 for inference and 3 for training, forward FLOPs from
 `ViTConfig.flops_per_image()`. Reported: medians over rounds, and ratios to
 timm eager from the same rounds.
 
+Every worker, timm's included, starts with glibc malloc keeping freed memory
+(`--host-malloc retain`, as tools/pretrain.py does on a CPU; see
+keras_vitscale/training/host_memory.py): with glibc's defaults XLA's
+per-step temporary buffer is unmapped and page-faulted in again every step,
+which cost JAX training 20% here. `--host-malloc system` measures the
+defaults.
+
 Usage:
     python benchmarks/throughput.py                # S/16 + B/16, batch 8 (long)
     python benchmarks/throughput.py --models S/16 --repeats 3 --timm-compile none
@@ -56,6 +63,12 @@ import numpy as np
 import results  # noqa: E402  (benchmarks/results.py: the shared RESULTS.md writer)
 
 RESULTS = results.RESULTS
+MALLOC_NOTE = {
+    "retain": "Host malloc: every worker (timm too) runs with glibc keeping freed memory "
+              "(--host-malloc retain: MALLOC_ARENA_MAX=1, MALLOC_MMAP_MAX_=0, no trimming; "
+              "keras_vitscale/training/host_memory.py).",
+    "system": "Host malloc: glibc defaults (--host-malloc system).",
+}
 TAG = "@@throughput "  # prefix of the workers' protocol lines on stdout
 IMAGE_SIZE, NUM_CLASSES, THREADS = 224, 1000, 2
 LEARNING_RATE, WEIGHT_DECAY = 1e-4, 0.05
@@ -227,8 +240,13 @@ def worker(kind):
 # ----------------------------------------------------------------- driver --
 
 class Worker:
-    def __init__(self, kind, log):
+    def __init__(self, kind, log, host_malloc="retain"):
         env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+        if host_malloc == "retain":
+            # The same malloc settings for every contender, timm included.
+            from keras_vitscale.training import host_memory
+
+            env = host_memory.retaining_malloc_env(env)
         if kind != "timm":
             env["KERAS_BACKEND"] = kind
         self.kind = kind
@@ -280,11 +298,15 @@ def label(contender, kind):
 
 def run(args):
     from keras_vitscale.config import ViTConfig
+    from keras_vitscale.training import host_memory
+
+    if args.host_malloc == "retain" and not host_memory.has_glibc():
+        raise SystemExit("--host-malloc retain needs Linux with glibc; use --host-malloc system.")
 
     load_start = os.getloadavg()
     kinds = list(args.backends) + ["timm"]
     log = open(args.log, "w")
-    workers = {k: Worker(k, log) for k in kinds}
+    workers = {k: Worker(k, log, args.host_malloc) for k in kinds}
     versions = {k: w.ask(cmd="versions") for k, w in workers.items()}
     hub_missing = {k: v["keras_hub"] for k, v in versions.items()
                    if str(v.get("keras_hub", "")).startswith("not available")}
@@ -333,7 +355,8 @@ def run(args):
         w.close()
     log.close()
     return dict(rows=rows, peaks=peaks, versions=versions, load_start=load_start,
-                load_end=os.getloadavg(), wall_s=time.perf_counter() - wall_start)
+                load_end=os.getloadavg(), wall_s=time.perf_counter() - wall_start,
+                host_malloc=args.host_malloc)
 
 
 def _cpu_model():
@@ -397,6 +420,7 @@ def report(res, args, title=None):
         f"Wall time {res['wall_s'] / 60:.1f} min.",
         f"Matmul peak (float32 numpy 2048x2048, once per round): median {peak:.0f} GFLOP/s, "
         f"range {min(res['peaks']):.0f}-{max(res['peaks']):.0f}." if res["peaks"] else "",
+        MALLOC_NOTE[res.get("host_malloc", "system")],
         "",
         "224 px, float32, 1000 classes, random data; kvs.ViT configured like timm "
         "(class token, learned posemb, exact GELU). Training = forward + backward + AdamW "
@@ -454,6 +478,11 @@ def build_parser(description, modes=("infer", "train"), timm_compile="infer", ke
                    help="where the raw per-round timings are saved, JSON (default: %(default)s).")
     p.add_argument("--from-raw", action="store_true",
                    help="re-make the table from --raw without measuring.")
+    p.add_argument("--host-malloc", choices=("retain", "system"), default="retain",
+                   help="'retain' (default): start every worker, timm's too, with glibc "
+                   "malloc keeping freed memory, as tools/pretrain.py does on a CPU, so "
+                   "XLA's per-step buffers are not page-faulted in again each step; "
+                   "'system': glibc defaults")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p
 

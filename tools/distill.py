@@ -90,4 +90,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    pretrain.relaunch_if_wanted(build_parser().parse_args())
     sys.exit(main())

@@ -19,7 +19,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-from keras_vitscale.training import recipes  # noqa: E402
+from keras_vitscale.training import host_memory, recipes  # noqa: E402
 
 EPILOG = """\
 outputs in --workdir:
@@ -141,11 +141,24 @@ def build_parser():
                    help="log to Weights & Biases (needs `pip install wandb`); "
                    "PROJECT defaults to keras_vitscale")
     r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    r.add_argument("--host-malloc", choices=host_memory.MODES, default="auto",
+                   help="'retain': restart with glibc malloc keeping freed memory "
+                   "(MALLOC_ARENA_MAX=1, MALLOC_MMAP_MAX_=0, no trimming), so XLA's "
+                   "per-step temporary buffer is not page-faulted in again every step "
+                   "(10-25%% faster CPU training steps); 'auto' (default): retain when "
+                   "training on the CPU of a Linux/glibc host (no --tpu, no GPU/TPU "
+                   "device); 'system': leave malloc alone")
     return p
 
 
 def parse_args(argv=None):
     return build_parser().parse_args(argv)
+
+
+def run_settings(args):
+    """The parsed flags that define the run (config.json), without the ones that
+    only say how this process runs."""
+    return {k: v for k, v in vars(args).items() if k not in ("no_progress", "host_malloc")}
 
 
 def main(argv=None, args=None, default_workdir=os.path.join("runs", "digits")):
@@ -155,7 +168,7 @@ def main(argv=None, args=None, default_workdir=os.path.join("runs", "digits")):
     these flags) and its own default workdir.
     """
     args = parse_args(argv) if args is None else args
-    settings = {k: v for k, v in vars(args).items() if k != "no_progress"}
+    settings = run_settings(args)
     if settings["workdir"] is None:
         if settings["branch_from"]:
             print("ERROR: --workdir is required with --branch-from: a branch writes to a "
@@ -184,5 +197,17 @@ def main(argv=None, args=None, default_workdir=os.path.join("runs", "digits")):
     return 0
 
 
+def relaunch_if_wanted(args):
+    """Restarts the tool with the retaining malloc settings when --host-malloc asks."""
+    try:
+        wanted = host_memory.wants_retaining_malloc(args.host_malloc, args.tpu)
+    except ValueError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        sys.exit(2)
+    if wanted:
+        host_memory.relaunch_with_retaining_malloc()
+
+
 if __name__ == "__main__":
+    relaunch_if_wanted(parse_args())
     sys.exit(main())

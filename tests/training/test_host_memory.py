@@ -1,0 +1,142 @@
+"""The retaining glibc malloc settings: when they apply, that a relaunch
+installs them, and that they stop the per-step page faults they are for."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+
+from keras_vitscale.training import host_memory
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULE = ROOT / "keras_vitscale" / "training" / "host_memory.py"
+needs_glibc = pytest.mark.skipif(not host_memory.has_glibc(), reason="needs Linux with glibc")
+
+# Loads host_memory.py by path (it needs only the standard library, and the
+# package would import Keras twice: before and after the relaunch), relaunches,
+# then reports its arguments, the settings and the minor page faults of
+# re-allocating and touching a block freed just before, in a second thread
+# (a thread's own arena is where glibc falls back to mmap).
+FAULTS_SCRIPT = r"""
+import ctypes, importlib.util, os, resource, sys, threading
+spec = importlib.util.spec_from_file_location("host_memory", sys.argv[1])
+host_memory = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(host_memory)
+if sys.argv[2] == "relaunch":
+    host_memory.relaunch_with_retaining_malloc()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size, faults = 256 << 20, []
+
+def touch_and_free():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    libc.free(block)
+
+for _ in range(2):
+    thread = threading.Thread(target=touch_and_free)
+    thread.start()
+    thread.join()
+print(sys.argv[1:], os.environ.get("MALLOC_ARENA_MAX"), os.environ.get("MALLOC_MMAP_MAX_"),
+      faults[0], faults[1], os.getpid())
+"""
+
+
+def _run(script, *args, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(env_extra or {})
+    out = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_modes_decide_by_host_and_flags(monkeypatch):
+    assert host_memory.wants_retaining_malloc("system") is False
+    with pytest.raises(ValueError, match="'sometimes' is not one of auto, retain, system"):
+        host_memory.wants_retaining_malloc("sometimes")
+    monkeypatch.setattr(host_memory, "has_glibc", lambda: True)
+    monkeypatch.setattr(host_memory, "accelerator_visible", lambda: False)
+    assert host_memory.wants_retaining_malloc("auto") is True
+    assert host_memory.wants_retaining_malloc("retain", tpu="my-tpu") is True
+    # A TPU run or a GPU host keeps glibc's defaults under auto.
+    assert host_memory.wants_retaining_malloc("auto", tpu="my-tpu") is False
+    monkeypatch.setattr(host_memory, "accelerator_visible", lambda: True)
+    assert host_memory.wants_retaining_malloc("auto") is False
+    # Without glibc: auto quietly does nothing, an explicit retain is an error.
+    monkeypatch.setattr(host_memory, "has_glibc", lambda: False)
+    monkeypatch.setattr(host_memory, "accelerator_visible", lambda: False)
+    assert host_memory.wants_retaining_malloc("auto") is False
+    with pytest.raises(ValueError, match="--host-malloc system"):
+        host_memory.wants_retaining_malloc("retain")
+
+
+def test_env_keeps_what_the_user_set():
+    env = host_memory.retaining_malloc_env({"MALLOC_ARENA_MAX": "4", "PATH": "/bin"})
+    assert env["MALLOC_ARENA_MAX"] == "4" and env["PATH"] == "/bin"
+    assert env["MALLOC_MMAP_MAX_"] == "0" and int(env["MALLOC_TRIM_THRESHOLD_"]) >= 2**40
+
+
+@needs_glibc
+def test_relaunch_installs_settings_and_stops_refaulting_freed_blocks():
+    pages = (256 << 20) // os.sysconf("SC_PAGE_SIZE")
+    args, arena, mmap_max, first, second, _ = _run(
+        FAULTS_SCRIPT, str(MODULE), "relaunch", "--x", "1").rsplit(" ", 5)
+    assert args == f"[{str(MODULE)!r}, 'relaunch', '--x', '1']"  # arguments survive
+    assert (arena, mmap_max) == ("1", "0")
+    assert int(first) >= pages // 2  # the first touch faults the block in
+    assert int(second) < pages // 20  # the freed block is reused, not faulted in again
+    # Control: a user's own MALLOC_ARENA_MAX means no relaunch, and glibc's
+    # defaults fault the whole block in again.
+    *_, second_default, _ = _run(FAULTS_SCRIPT, str(MODULE), "relaunch",
+                                 env_extra={"MALLOC_ARENA_MAX": "8"}).rsplit(" ", 2)
+    assert int(second_default) >= pages // 2
+
+
+# A jitted program whose 4096 x 4096 intermediates (192 MiB in all: a matmul
+# output, read twice, and its transposes) live in XLA's per-run temporary
+# buffer; faults counted on the third run.
+XLA_SCRIPT = r"""
+import importlib.util, resource, sys
+spec = importlib.util.spec_from_file_location("host_memory", sys.argv[1])
+host_memory = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(host_memory)
+if sys.argv[2] == "relaunch":
+    host_memory.relaunch_with_retaining_malloc()
+import jax, jax.numpy as jnp
+step = jax.jit(lambda x: (lambda b: jnp.sum(b[::-1] * b.T))(jnp.sin(x) @ jnp.cos(x).T))
+x = jnp.ones((4096, 256), jnp.float32)
+for _ in range(2):
+    step(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+step(x).block_until_ready()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@needs_glibc
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="XLA's CPU buffers, via JAX")
+def test_xla_temporary_buffer_is_not_faulted_in_every_run():
+    pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert int(_run(XLA_SCRIPT, str(MODULE), "plain")) >= pages // 2
+    assert int(_run(XLA_SCRIPT, str(MODULE), "relaunch")) < pages // 10
+
+
+def test_tool_keeps_host_malloc_out_of_the_run_settings(tmp_path):
+    # How the process runs is not what it trains: resuming a run with another
+    # --host-malloc must not look like an incompatible config.
+    spec = importlib.util.spec_from_file_location("pretrain", ROOT / "tools" / "pretrain.py")
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)
+    args = pretrain.parse_args(["--workdir", str(tmp_path), "--host-malloc", "system"])
+    assert args.host_malloc == "system"
+    settings = pretrain.run_settings(args)
+    assert "host_malloc" not in settings and settings["workdir"] == str(tmp_path)
