@@ -90,5 +90,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    pretrain.relaunch_if_wanted(build_parser().parse_args())
+    args = build_parser().parse_args()
+    pretrain.host_memory.relaunch_if_wanted(args.host_malloc, args.tpu)
     sys.exit(main())

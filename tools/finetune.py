@@ -27,6 +27,8 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
+from keras_vitscale.training import host_memory  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -57,6 +59,7 @@ def parse_args(argv=None):
                    help="linear warmup steps (default: 5%% of --steps)")
     p.add_argument("--workdir", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="seed of data order and crops")
+    host_memory.add_host_malloc_flag(p)
     return p.parse_args(argv)
 
 
@@ -86,4 +89,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host_memory.relaunch_if_wanted(parse_args().host_malloc)
     sys.exit(main())

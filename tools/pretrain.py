@@ -141,13 +141,7 @@ def build_parser():
                    help="log to Weights & Biases (needs `pip install wandb`); "
                    "PROJECT defaults to keras_vitscale")
     r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    r.add_argument("--host-malloc", choices=host_memory.MODES, default="auto",
-                   help="'retain': restart with glibc malloc keeping freed memory "
-                   "(MALLOC_ARENA_MAX=1, MALLOC_MMAP_MAX_=0, no trimming), so XLA's "
-                   "per-step temporary buffer is not page-faulted in again every step "
-                   "(10-25%% faster CPU training steps); 'auto' (default): retain when "
-                   "training on the CPU of a Linux/glibc host (no --tpu, no GPU/TPU "
-                   "device); 'system': leave malloc alone")
+    host_memory.add_host_malloc_flag(r)
     return p
 
 
@@ -197,17 +191,7 @@ def main(argv=None, args=None, default_workdir=os.path.join("runs", "digits")):
     return 0
 
 
-def relaunch_if_wanted(args):
-    """Restarts the tool with the retaining malloc settings when --host-malloc asks."""
-    try:
-        wanted = host_memory.wants_retaining_malloc(args.host_malloc, args.tpu)
-    except ValueError as err:
-        print(f"ERROR: {err}", file=sys.stderr)
-        sys.exit(2)
-    if wanted:
-        host_memory.relaunch_with_retaining_malloc()
-
-
 if __name__ == "__main__":
-    relaunch_if_wanted(parse_args())
+    args = parse_args()
+    host_memory.relaunch_if_wanted(args.host_malloc, args.tpu)
     sys.exit(main())

@@ -19,6 +19,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
+from keras_vitscale.training import host_memory  # noqa: E402
 from keras_vitscale.training import study as study_lib  # noqa: E402
 
 D = study_lib.DEFAULTS
@@ -105,13 +106,15 @@ def build_parser():
     p.add_argument("--shots", type=int, help=f"k of the k-shot error (default {D['shots']})")
     p.add_argument("--seed", type=int, help=f"seed of every run (default {D['seed']})")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    host_memory.add_host_malloc_flag(p)
     return p
 
 
 def main(argv=None):
     """Runs the study; returns the exit status (see the epilog)."""
     args = build_parser().parse_args(argv)
-    settings = {k: v for k, v in vars(args).items() if k != "no_progress"}
+    # How this process runs is not part of the study's settings.
+    settings = {k: v for k, v in vars(args).items() if k not in ("no_progress", "host_malloc")}
     if settings["branch_steps"] is not None:
         settings["branch_steps"] = " ".join(settings["branch_steps"])
 
@@ -132,4 +135,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host_memory.relaunch_if_wanted(build_parser().parse_args().host_malloc)
     sys.exit(main())

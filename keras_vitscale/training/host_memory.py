@@ -18,9 +18,17 @@ The settings, glibc's documented environment variables:
   to the kernel, so the next step reuses the same pages.
 
 The cost: the process keeps its peak memory until it exits, and threads
-share one heap lock. Fine for a training process on a CPU; on GPU and TPU
-hosts the big buffers live on the device while many input-pipeline threads
-allocate on the host, so `auto` leaves those alone.
+share one heap lock. The heap also grows for a while before it settles: the
+buffer is an aligned allocation, glibc frees the spare bytes after the
+block, and when a small allocation that lives on takes them, the freed block
+is a few bytes too small for the next aligned request, so the heap grows by
+a fresh buffer, faulted in once (reproduced with posix_memalign alone).
+Measured: the ViT-S/16 step faulted its buffer in on 3 of 40 steps (glibc
+defaults: all 40), at a peak resident size of 3.4 GiB against 1.7 GiB; with
+a 192 MiB buffer the heap stopped growing within 50 steps in both 300-step
+runs. Fine for a training process on a CPU; on GPU and TPU hosts the big
+buffers live on the device while many input-pipeline threads allocate on
+the host, so `auto` leaves those alone.
 
 glibc reads these variables only when a process starts, so they take effect
 by starting the process again (`relaunch_with_retaining_malloc`) or by
@@ -115,3 +123,37 @@ def relaunch_with_retaining_malloc():
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], retaining_malloc_env())
+
+
+def add_host_malloc_flag(parser):
+    """Adds the tools' `--host-malloc auto|retain|system` flag to `parser`."""
+    parser.add_argument(
+        "--host-malloc", choices=MODES, default="auto",
+        help="'retain': restart with glibc malloc keeping freed memory (MALLOC_ARENA_MAX=1, "
+        "MALLOC_MMAP_MAX_=0, no trimming), so XLA's per-step temporary buffer is not "
+        "page-faulted in again every step (10-25%% faster CPU training steps, for up to "
+        "twice the resident memory); 'auto' (default): retain when training on the CPU of "
+        "a Linux/glibc host (no --tpu, no GPU/TPU device); 'system': leave malloc alone")
+
+
+def relaunch_if_wanted(mode, tpu=None):
+    """A tool's first step: relaunch when `mode` (its --host-malloc) asks.
+
+    An unknown mode, or "retain" without glibc, prints the error and exits
+    with status 2 before any work.
+
+    Example:
+    ```python
+    if __name__ == "__main__":
+        args = parser.parse_args()
+        host_memory.relaunch_if_wanted(args.host_malloc, args.tpu)
+        sys.exit(main())
+    ```
+    """
+    try:
+        wanted = wants_retaining_malloc(mode, tpu)
+    except ValueError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        sys.exit(2)
+    if wanted:
+        relaunch_with_retaining_malloc()

@@ -108,40 +108,58 @@ def test_relaunch_installs_settings_and_stops_refaulting_freed_blocks():
 
 # A jitted program whose 4096 x 4096 intermediates (192 MiB in all: a matmul
 # output, read twice, and its transposes) live in XLA's per-run temporary
-# buffer. Faults: the fewest of four runs after the first (the heap can
-# still grow now and then as other allocations land next to the buffer).
+# buffer. Prints how many of 12 runs after the first faulted in fewer than a
+# tenth of 64 MiB. Without the settings every run faults the buffer in; with
+# them the heap still grows by a fresh buffer now and then in the first few
+# dozen runs (see host_memory's docstring; at most 7 of the first 12 runs in
+# the 12 processes tried), so at least 3 runs must reuse it.
 XLA_SCRIPT = LOAD_AND_RELAUNCH + r"""
+import os
 import jax, jax.numpy as jnp
 step = jax.jit(lambda x: (lambda b: jnp.sum(b[::-1] * b.T))(jnp.sin(x) @ jnp.cos(x).T))
 x = jnp.ones((4096, 256), jnp.float32)
 step(x).block_until_ready()
-faults = []
-for _ in range(4):
+few, small = 0, (64 << 20) // os.sysconf("SC_PAGE_SIZE") // 10
+for _ in range(12):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step(x).block_until_ready()
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(min(faults))
+    few += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < small
+print(few)
 """
 
 
 @needs_glibc
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="XLA's CPU buffers, via JAX")
 def test_xla_temporary_buffer_is_not_faulted_in_every_run():
-    pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
-    assert int(_run(XLA_SCRIPT, str(MODULE), "plain")) >= pages // 2
-    # About 1 process in 6 keeps faulting the whole buffer in on every run even
-    # with the settings (cause not found yet; noted in RESULTS.md), so the
-    # best of three processes is checked.
-    assert min(int(_run(XLA_SCRIPT, str(MODULE), "relaunch")) for _ in range(3)) < pages // 10
+    assert int(_run(XLA_SCRIPT, str(MODULE), "plain")) == 0
+    assert int(_run(XLA_SCRIPT, str(MODULE), "relaunch")) >= 3
 
 
-def test_tool_keeps_host_malloc_out_of_the_run_settings(tmp_path):
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_tools_keep_host_malloc_out_of_the_run_settings(tmp_path):
     # How the process runs is not what it trains: resuming a run with another
     # --host-malloc must not look like an incompatible config.
-    spec = importlib.util.spec_from_file_location("pretrain", ROOT / "tools" / "pretrain.py")
-    pretrain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pretrain)
+    pretrain = _load_tool("pretrain")
     args = pretrain.parse_args(["--workdir", str(tmp_path), "--host-malloc", "system"])
     assert args.host_malloc == "system"
     settings = pretrain.run_settings(args)
     assert "host_malloc" not in settings and settings["workdir"] == str(tmp_path)
+    # The other training tools take the same flag.
+    assert _load_tool("finetune").parse_args(
+        ["--preset", "p", "--workdir", "w", "--host-malloc", "retain"]).host_malloc == "retain"
+    assert _load_tool("scaling_study").build_parser().parse_args([]).host_malloc == "auto"
+
+
+def test_relaunch_if_wanted_stops_on_a_bad_mode(monkeypatch, capsys):
+    monkeypatch.setattr(host_memory, "has_glibc", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        host_memory.relaunch_if_wanted("retain")
+    assert stop.value.code == 2 and "--host-malloc system" in capsys.readouterr().err
+    # "system" never relaunches: the call returns.
+    assert host_memory.relaunch_if_wanted("system") is None
