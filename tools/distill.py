@@ -24,7 +24,7 @@ if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
 
 import pretrain  # noqa: E402  (sets the JAX backend default as that tool does)
 
-from keras_vitscale.training import recipes  # noqa: E402
+from keras_vitscale.training import host_memory, recipes  # noqa: E402
 
 DEFAULT_WORKDIR = os.path.join("runs", "digits_distilled")
 EPILOG = """\
@@ -91,5 +91,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     args = build_parser().parse_args()
-    pretrain.host_memory.relaunch_if_wanted(args.host_malloc, args.tpu)
+    host_memory.relaunch_if_wanted(args.host_malloc, args.tpu)
     sys.exit(main())
