@@ -7,8 +7,10 @@ unmaps it when it is freed, so each step faults the whole buffer back in,
 page by page, zero-filled by the kernel. Measured here (2 cores): 260,000
 minor faults and 0.7 s of kernel time per 2.0-2.3 s ViT-S/16 gradient step;
 with the settings below, 1,500 faults and 0.02 s, and the step 10-25%
-faster. In benchmarks/throughput.py, JAX training went from 0.76x to 0.98x
-timm eager and TensorFlow's from 0.70x to 0.83x (RESULTS.md "throughput").
+faster. In two back-to-back benchmarks/throughput.py runs, each with every
+worker (timm's too) under one setting, JAX training went from 0.76x to
+0.98x timm eager and TensorFlow's from 0.70x to 0.83x; the full table under
+this setting has JAX at 0.90x (ViT-S/16) and 0.97x (B/16) (RESULTS.md).
 
 The settings, glibc's documented environment variables:
 - MALLOC_ARENA_MAX=1: every thread allocates from the main heap. A thread's
