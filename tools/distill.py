@@ -22,9 +22,15 @@ import sys
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+if __name__ == "__main__":
+    # Before the package import below, which a relaunch would repeat.
+    import early_relaunch
+
+    early_relaunch.relaunch_if_wanted()
+
 import pretrain  # noqa: E402  (sets the JAX backend default as that tool does)
 
-from keras_vitscale.training import host_memory, recipes  # noqa: E402
+from keras_vitscale.training import recipes  # noqa: E402
 
 DEFAULT_WORKDIR = os.path.join("runs", "digits_distilled")
 EPILOG = """\
@@ -90,6 +96,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    args = build_parser().parse_args()
-    host_memory.relaunch_if_wanted(args.host_malloc, args.tpu)
     sys.exit(main())

@@ -27,6 +27,12 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
+if __name__ == "__main__":
+    # Before the package import below, which a relaunch would repeat.
+    import early_relaunch
+
+    early_relaunch.relaunch_if_wanted()
+
 from keras_vitscale.training import host_memory  # noqa: E402
 
 
@@ -89,5 +95,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    host_memory.relaunch_if_wanted(parse_args().host_malloc)
     sys.exit(main())

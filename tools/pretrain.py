@@ -19,6 +19,12 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
+if __name__ == "__main__":
+    # Before the package import below, which a relaunch would repeat.
+    import early_relaunch
+
+    early_relaunch.relaunch_if_wanted()
+
 from keras_vitscale.training import host_memory, recipes  # noqa: E402
 
 EPILOG = """\
@@ -192,6 +198,4 @@ def main(argv=None, args=None, default_workdir=os.path.join("runs", "digits")):
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    host_memory.relaunch_if_wanted(args.host_malloc, args.tpu)
     sys.exit(main())

@@ -19,6 +19,12 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
+if __name__ == "__main__":
+    # Before the package import below, which a relaunch would repeat.
+    import early_relaunch
+
+    early_relaunch.relaunch_if_wanted()
+
 from keras_vitscale.training import host_memory  # noqa: E402
 from keras_vitscale.training import study as study_lib  # noqa: E402
 
@@ -135,5 +141,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    host_memory.relaunch_if_wanted(build_parser().parse_args().host_malloc)
     sys.exit(main())
