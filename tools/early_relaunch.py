@@ -45,3 +45,7 @@ def relaunch_if_wanted(argv=None):
     parser.add_argument("--tpu")
     args, _ = parser.parse_known_args(argv)
     _load_host_memory().relaunch_if_wanted(args.host_malloc, args.tpu)
+
+
+if __name__ == "__main__":
+    print(__doc__)  # a helper of the tools, not a tool: it only describes itself

@@ -163,3 +163,27 @@ def test_relaunch_if_wanted_stops_on_a_bad_mode(monkeypatch, capsys):
     assert stop.value.code == 2 and "--host-malloc system" in capsys.readouterr().err
     # "system" never relaunches: the call returns.
     assert host_memory.relaunch_if_wanted("system") is None
+
+
+# The tools' first step: reads --host-malloc/--tpu and relaunches before any
+# package import. Prints the setting seen after it and whether Keras or the
+# package had been imported.
+EARLY_SCRIPT = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import early_relaunch
+early_relaunch.relaunch_if_wanted(sys.argv[2:])
+print(os.environ.get("MALLOC_ARENA_MAX"), "keras" in sys.modules, "keras_vitscale" in sys.modules)
+"""
+
+
+@needs_glibc
+def test_early_relaunch_happens_before_the_package_import():
+    tools = str(ROOT / "tools")
+    assert _run(EARLY_SCRIPT, tools, "--workdir", "w", "--host-malloc", "retain") == "1 False False"
+    auto = "1" if host_memory.wants_retaining_malloc("auto") else "None"
+    assert _run(EARLY_SCRIPT, tools, "--steps", "3") == f"{auto} False False"
+    # A TPU run under auto, an explicit "system" and --help never relaunch.
+    assert _run(EARLY_SCRIPT, tools, "--tpu", "local") == "None False False"
+    assert _run(EARLY_SCRIPT, tools, "--host-malloc", "system") == "None False False"
+    assert _run(EARLY_SCRIPT, tools, "--host-malloc", "retain", "--help") == "None False False"
