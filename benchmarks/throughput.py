@@ -300,8 +300,10 @@ def run(args):
     from keras_vitscale.config import ViTConfig
     from keras_vitscale.training import host_memory
 
-    if args.host_malloc == "retain" and not host_memory.has_glibc():
-        raise SystemExit("--host-malloc retain needs Linux with glibc; use --host-malloc system.")
+    try:  # "retain" without glibc: the same error as the training tools give
+        host_memory.wants_retaining_malloc(args.host_malloc)
+    except ValueError as err:
+        raise SystemExit(f"ERROR: {err}")
 
     load_start = os.getloadavg()
     kinds = list(args.backends) + ["timm"]

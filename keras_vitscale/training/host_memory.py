@@ -110,15 +110,8 @@ def relaunch_with_retaining_malloc():
     interpreter options included, from `sys.orig_argv`) when none of the
     variables is set; returns when they are set already, by an earlier
     relaunch or by the user (who then manages malloc). Call it first thing
-    under `if __name__ == "__main__":`, before any work.
-
-    Example:
-    ```python
-    if __name__ == "__main__":
-        if wants_retaining_malloc(args.host_malloc):
-            relaunch_with_retaining_malloc()
-        sys.exit(main())
-    ```
+    under `if __name__ == "__main__":`, before any work; `relaunch_if_wanted`
+    does that for a tool's --host-malloc flag.
     """
     if any(name in os.environ for name in RETAINING_MALLOC_ENV):
         return
@@ -142,7 +135,8 @@ def relaunch_if_wanted(mode, tpu=None):
     """A tool's first step: relaunch when `mode` (its --host-malloc) asks.
 
     An unknown mode, or "retain" without glibc, prints the error and exits
-    with status 2 before any work.
+    with status 2 before any work. The training tools call it through
+    tools/early_relaunch.py, before they import Keras.
 
     Example:
     ```python
