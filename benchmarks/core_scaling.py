@@ -137,7 +137,8 @@ class Worker:
              "--cores", str(cores), "--warmup", str(warmup)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
 
-    def _answer(self):
+    def answer(self):
+        """The worker's next answer line (its other output is library logs)."""
         for line in self.proc.stdout:
             if line.startswith(TAG):
                 return json.loads(line[len(TAG):])
@@ -146,7 +147,7 @@ class Worker:
     def time(self, part):
         self.proc.stdin.write(part + "\n")
         self.proc.stdin.flush()
-        return self._answer()["seconds"]
+        return self.answer()["seconds"]
 
     def close(self):
         self.proc.stdin.write("quit\n")
@@ -163,7 +164,7 @@ def run(args):
         workers = {(kind, cores): Worker(kind, cores, args.warmup, args.host_malloc, log)
                    for kind in ("jax", "torch") for cores in core_counts}
         for w in workers.values():  # set-up (compiles, warm-up) runs in parallel
-            w._answer()
+            w.answer()
         for round_ in range(args.repeats):
             print(f"round {round_ + 1}/{args.repeats}", flush=True)
             for part in PARTS:
