@@ -173,7 +173,9 @@ def run(args):
         for w in workers.values():
             w.close()
     return {"times": {"|".join(map(str, k)): v for k, v in times.items()},
-            "core_counts": core_counts, "load_start": load_start,
+            "core_counts": core_counts, "repeats": args.repeats, "warmup": args.warmup,
+            "host_malloc": args.host_malloc, "date": str(datetime.date.today()),
+            "cpu": throughput._cpu_model(), "load_start": load_start,
             "load_end": os.getloadavg(), "wall_s": time.perf_counter() - start}
 
 
@@ -181,19 +183,19 @@ def _median_ratio(numerators, denominators):
     return statistics.median(n / d for n, d in zip(numerators, denominators))
 
 
-def report(res, args):
+def report(res):
     times = {tuple(k.split("|")): v for k, v in res["times"].items()}
     counts = [str(c) for c in res["core_counts"]]
     most = counts[-1]
     lines = [
-        f"Date: {datetime.date.today()}. Machine: {len(os.sched_getaffinity(0))} cores, "
-        f"{throughput._cpu_model()}, no GPU; shared with other jobs.",
+        f"Date: {res['date']}. Machine: {most} cores, {res['cpu']}, no GPU; "
+        "shared with other jobs.",
         "Load average (1/5/15 min): start {}, end {}. Wall time {:.1f} min.".format(
             " ".join(f"{x:.2f}" for x in res["load_start"]),
             " ".join(f"{x:.2f}" for x in res["load_end"]), res["wall_s"] / 60),
-        throughput.MALLOC_NOTE[args.host_malloc],
+        throughput.MALLOC_NOTE[res["host_malloc"]],
         "",
-        f"Medians of {args.repeats} interleaved rounds after {args.warmup} warm-up steps. "
+        f"Medians of {res['repeats']} interleaved rounds after {res['warmup']} warm-up steps. "
         "'speed-up' = median over rounds of (time on 1 core / time on all cores); "
         "'kvs vs torch' = median over rounds of (PyTorch time / kvs time) at the same core "
         "count, above 1 when kvs is faster.",
@@ -253,7 +255,7 @@ def main(argv=None):
         res = run(args)
         with open(args.raw, "w") as f:
             json.dump(res, f)
-    text = report(res, args)
+    text = report(res)
     print("\n" + text)
     if not args.no_write:
         results.write_section("core_scaling", text, TITLE)
