@@ -40,7 +40,7 @@ import time
 import numpy as np
 
 import results  # noqa: E402  (benchmarks/results.py: the shared RESULTS.md writer)
-import throughput  # noqa: E402  (the models configured like timm, the malloc notes)
+import throughput  # noqa: E402  (models configured like timm, worker env, malloc notes)
 
 TAG = "@@core_scaling "  # prefix of the workers' answer lines on stdout
 BATCH, TOKENS, HEADS, HEAD_DIM = 8, 197, 6, 64  # ViT-S/16 at 224 px
@@ -124,18 +124,12 @@ def worker(kind, cores, warmup):
 
 class Worker:
     def __init__(self, kind, cores, warmup, host_malloc, log):
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
-        if host_malloc == "retain":
-            from keras_vitscale.training import host_memory
-
-            env = host_memory.retaining_malloc_env(env)
-        if kind == "jax":
-            env["KERAS_BACKEND"] = "jax"
         self.name = f"{'kvs/jax' if kind == 'jax' else 'torch'} x{cores}"
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", kind,
              "--cores", str(cores), "--warmup", str(warmup)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+            env=throughput.worker_env(host_malloc, "jax" if kind == "jax" else None))
 
     def answer(self):
         """The worker's next answer line (its other output is library logs)."""

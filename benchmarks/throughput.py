@@ -239,20 +239,35 @@ def worker(kind):
 
 # ----------------------------------------------------------------- driver --
 
+def worker_env(host_malloc, keras_backend=None):
+    """The environment of a benchmark worker process.
+
+    Args:
+        host_malloc: "retain" (the same retaining malloc settings for every
+            worker, timm's included) or "system". "retain" without glibc
+            exits with the error the training tools give.
+        keras_backend: KERAS_BACKEND for a Keras worker; None for PyTorch.
+    """
+    from keras_vitscale.training import host_memory
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+    try:
+        if host_memory.wants_retaining_malloc(host_malloc):
+            env = host_memory.retaining_malloc_env(env)
+    except ValueError as err:
+        raise SystemExit(f"ERROR: {err}")
+    if keras_backend:
+        env["KERAS_BACKEND"] = keras_backend
+    return env
+
+
 class Worker:
     def __init__(self, kind, log, host_malloc="retain"):
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
-        if host_malloc == "retain":
-            # The same malloc settings for every contender, timm included.
-            from keras_vitscale.training import host_memory
-
-            env = host_memory.retaining_malloc_env(env)
-        if kind != "timm":
-            env["KERAS_BACKEND"] = kind
         self.kind = kind
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", kind],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+            env=worker_env(host_malloc, None if kind == "timm" else kind))
 
     def ask(self, **cmd):
         self.proc.stdin.write(json.dumps(cmd) + "\n")
@@ -298,12 +313,6 @@ def label(contender, kind):
 
 def run(args):
     from keras_vitscale.config import ViTConfig
-    from keras_vitscale.training import host_memory
-
-    try:  # "retain" without glibc: the same error as the training tools give
-        host_memory.wants_retaining_malloc(args.host_malloc)
-    except ValueError as err:
-        raise SystemExit(f"ERROR: {err}")
 
     load_start = os.getloadavg()
     kinds = list(args.backends) + ["timm"]
