@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 BACKENDS := jax tensorflow torch
 
-.PHONY: pretrain test test-jax test-tensorflow test-torch clean
+.PHONY: pretrain test test-fast test-jax test-tensorflow test-torch clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +18,20 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 pretrain: $(VENV)/.installed
 	KERAS_BACKEND=$${KERAS_BACKEND:-jax} $(BIN)/python tools/pretrain.py
 
-# Whole suite, once per Keras backend, each in its own pytest process.
-# Every backend runs even if one fails; the exit code is non-zero if any did.
+# Whole suite: unit tests on every backend, each backend in its own pytest
+# process; integration tests of backend-neutral orchestration (tools, study,
+# branches, distillation, multi-process: marked `integration`) run once, on
+# JAX. Every backend runs even if one fails; the exit code is non-zero if any did.
 test: $(VENV)/.installed
 	@status=0; for backend in $(BACKENDS); do \
 		echo "=== pytest on the $$backend backend ==="; \
-		KERAS_BACKEND=$$backend $(BIN)/python -m pytest -q tests || status=1; \
+		if [ $$backend = jax ]; then select=""; else select="not integration"; fi; \
+		KERAS_BACKEND=$$backend $(BIN)/python -m pytest -q -m "$$select" tests || status=1; \
 	done; exit $$status
+
+# Unit tests only, on one backend (KERAS_BACKEND, default jax): the quick loop.
+test-fast: $(VENV)/.installed
+	KERAS_BACKEND=$${KERAS_BACKEND:-jax} $(BIN)/python -m pytest -q -m "not integration" tests
 
 test-%: $(VENV)/.installed
 	KERAS_BACKEND=$* $(BIN)/python -m pytest -q tests
