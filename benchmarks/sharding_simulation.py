@@ -114,7 +114,7 @@ def verdict(rows, pod_rows):
     FSDP meshes count only where compiled on the pod mesh itself: scaling
     the 8-device FSDP slices is far off (see the shard-scaling check).
     """
-    from keras_vitscale.training.distribution import parse_mesh
+    from keras_vitscale.mesh_spec import parse_mesh
 
     best = {}
     for row in rows:
@@ -184,7 +184,7 @@ def explain(rows, pod_rows):
 def analytic(config, spec, optimizer, args):
     """`kvs.memory.estimate` of the same step (GiB), without and with remat."""
     from keras_vitscale import memory
-    from keras_vitscale.training.distribution import parse_mesh
+    from keras_vitscale.mesh_spec import parse_mesh
 
     mesh = parse_mesh(spec)
     compute = "bfloat16" if "bfloat16" in args.dtype_policy else "float32"

@@ -56,9 +56,9 @@ import re
 
 from keras_vitscale.config import VARIANTS
 from keras_vitscale.config import ViTConfig
+from keras_vitscale.mesh_spec import MESH_AXES, parse_mesh
 
 OPTIMIZERS = ("adam", "bf16_adam", "scaling_adafactor", "sgd")
-MESH_AXES = ("data", "fsdp", "model")
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 # Softmax probabilities are computed and kept in float32 (see layers/attention.py).
 SOFTMAX_BYTES = 4
@@ -310,31 +310,6 @@ def _slots(optimizer, shape, param_dtype):
         return []
     specs = _optimizer(optimizer).state_specs(tuple(shape), param_dtype)
     return [(tuple(s), str(dt)) for _, s, dt, _ in specs]
-
-
-def parse_mesh(mesh):
-    """{"data", "fsdp", "model"} sizes from a dict, "data:4,model:2" or None."""
-    if mesh is None:
-        return dict.fromkeys(MESH_AXES, 1)
-    if isinstance(mesh, str):
-        pairs = {}
-        for part in filter(None, (p.strip() for p in mesh.split(","))):
-            match = re.fullmatch(r"(\w+)\s*[:=]\s*(\d+)", part)
-            if not match:
-                raise ValueError(
-                    f"Cannot parse mesh part {part!r} of {mesh!r}; write it as "
-                    "'data:4,fsdp:2,model:1'."
-                )
-            pairs[match.group(1)] = int(match.group(2))
-        mesh = pairs
-    unknown = sorted(set(mesh) - set(MESH_AXES))
-    if unknown:
-        raise ValueError(f"Unknown mesh axis {unknown[0]!r}; the axes are {list(MESH_AXES)}.")
-    out = {axis: mesh.get(axis, 1) for axis in MESH_AXES}
-    for axis, size in out.items():
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f"mesh axis {axis!r} has size {size!r}; use a positive integer.")
-    return out
 
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,

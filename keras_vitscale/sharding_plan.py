@@ -2,7 +2,7 @@
 
 `compile_train_step` traces the training tool's step (`model.stateless_call`,
 a softmax cross-entropy, `jax.value_and_grad`, `optimizer.stateless_apply`)
-for a mesh spec of `keras_vitscale.training.distribution.make_distribution`
+for a mesh spec of `keras_vitscale.training.jax_mesh.make_distribution`
 ("data:N", "fsdp:N", "data:N,model:M", "fsdp:N,model:M") and compiles it
 from abstract shapes: no weight is ever allocated, so a few full-width
 ViT-22B blocks compile on a laptop's virtual CPU devices
@@ -146,7 +146,7 @@ def scale_mesh(spec, num_devices):
     scale_mesh("data:2,model:4", 1024)  # "data:256,model:4"
     ```
     """
-    from keras_vitscale.training.distribution import parse_mesh
+    from keras_vitscale.mesh_spec import parse_mesh
 
     axes = parse_mesh(spec)
     if num_devices % axes["model"]:
@@ -279,20 +279,20 @@ def _dtype_bytes(dtype):
 
 
 def _mesh_size(spec):
-    from keras_vitscale.training.distribution import parse_mesh
+    from keras_vitscale.mesh_spec import parse_mesh
 
     return math.prod(parse_mesh(spec).values())
 
 
 def _batch_shards(spec):
-    from keras_vitscale.training.distribution import parse_mesh
+    from keras_vitscale.mesh_spec import parse_mesh
 
     axes = parse_mesh(spec)
     return axes["data"] * axes["fsdp"]
 
 
 def _distribution(spec, devices, config, min_size):
-    from keras_vitscale.training.distribution import make_distribution
+    from keras_vitscale.training.jax_mesh import make_distribution
 
     return make_distribution(spec, devices, config, min_size=min_size)
 
@@ -589,7 +589,7 @@ def extrapolate(config, spec, slices, min_size=None):
             raise ValueError(
                 "extrapolate needs slices that differ only in depth; got "
                 f"{[(s.spec, s.optimizer, s.batch_per_shard, s.depth) for s in slices]}.")
-    from keras_vitscale.training.distribution import parse_mesh
+    from keras_vitscale.mesh_spec import parse_mesh
 
     small, big = parse_mesh(first.spec), parse_mesh(spec)
     kind = lambda axes: ("fsdp" if axes["fsdp"] > 1 else "data", axes["model"])  # noqa: E731

@@ -91,7 +91,7 @@ def simulate(args):
     import keras
 
     from keras_vitscale import memory, sharding_plan
-    from keras_vitscale.training import distribution
+    from keras_vitscale.training import jax_mesh
 
     if keras.backend.backend() != "jax":
         sys.exit(f"--simulate compiles with XLA through JAX; the Keras backend is "
@@ -103,7 +103,7 @@ def simulate(args):
                  f"{list(sharding_plan.OPTIMIZERS)}.")
     depths = [int(d) for d in _names(args.depths, "")]
     budget = memory.parse_bytes(args.device_memory)
-    size = max(math.prod(distribution.parse_mesh(m).values()) for m in args.meshes)
+    size = max(math.prod(jax_mesh.parse_mesh(m).values()) for m in args.meshes)
     sharding_plan.use_virtual_devices(size)
     results = {}
     for name in _names(args.variants, SIMULATE_VARIANTS):

@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 import tensorflow as tf
 
-from keras_vitscale.training import distribution
+from keras_vitscale import mesh_spec
 
 # Seconds allowed for each of: resolving the TPU's name (Cloud TPU API), a
 # TCP connection to its worker, and a gRPC handshake with it. TensorFlow
@@ -117,7 +117,7 @@ def data_size(spec):
                 "backend, which trains data-parallel only (MirroredStrategy / "
                 "TPUStrategy). Set KERAS_BACKEND=jax for model-parallel or FSDP meshes, "
                 "or use --mesh data:N here.")
-    return distribution.parse_mesh(spec)["data"]
+    return mesh_spec.parse_mesh(spec)["data"]
 
 
 def mirrored_strategy(data, spec=None):

@@ -22,11 +22,11 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, keras
     import keras_vitscale as kvs
-    from keras_vitscale.training import checkpoint, distribution, train
+    from keras_vitscale.training import checkpoint, jax_mesh, train
     assert len(jax.devices()) == 8, jax.devices()
     root = sys.argv[1]
     # The tiny model's kernels are 1-6k elements: shard everything from 512.
-    distribution.FSDP_MIN_SIZE = 512
+    jax_mesh.FSDP_MIN_SIZE = 512
     tiny = dict(variant="mu", patch_size=4, image_size=16, batch_size=16, steps=6,
                 log_every=1, checkpoint_every=6, eval_every=6, fewshot="none",
                 optimizer="adafactor")
@@ -71,7 +71,7 @@ SCRIPT = textwrap.dedent("""
 
     # From a config alone, as for compiling ViT-22B slices: same layouts.
     config = kvs.ViTConfig.from_variant("mu", patch_size=4, image_size=16, num_classes=10)
-    dist = distribution.make_distribution("fsdp:4,model:2", jax.devices(), config)
+    dist = jax_mesh.make_distribution("fsdp:4,model:2", jax.devices(), config)
     out["from_config"] = {p: list(dist.layout_map[p].axes) for p in config.parameter_shapes()}
     print("RESULT" + json.dumps(out))
 """)

@@ -133,7 +133,7 @@ CHILD = textwrap.dedent("""
     from jax.experimental import multihost_utils
     import keras_vitscale as kvs
     from keras_vitscale.optimizers import ScalingAdafactor
-    from keras_vitscale.training import distribution, train
+    from keras_vitscale.training import jax_mesh, train
     from keras_vitscale.training.orbax_checkpoint import OrbaxCheckpointManager
     assert (jax.process_count(), len(jax.devices()), len(jax.local_devices())) == (2, 4, 2)
     out = {}
@@ -160,7 +160,7 @@ CHILD = textwrap.dedent("""
     # FSDP over both processes: every process holds only its shards.
     config = kvs.ViTConfig.from_variant("mu", patch_size=4, image_size=16, num_classes=10)
     keras.distribution.set_distribution(
-        distribution.make_distribution("fsdp:4", None, config, min_size=512))
+        jax_mesh.make_distribution("fsdp:4", None, config, min_size=512))
     model = kvs.ViT(config=config)
     optimizer = ScalingAdafactor(0.01)
     optimizer.build(model.trainable_variables)

@@ -187,7 +187,7 @@ def test_mesh_errors_name_the_value_and_the_fix(results):
     for name in ("model_axis", "tpu_and_model"):
         assert "the 'model' axis is not supported on the TensorFlow backend" in errors[name]
         assert "KERAS_BACKEND=jax" in errors[name] and "data:N" in errors[name]
-    # (distribution.setup answers FSDP itself, before dispatching to TF.)
+    # (jax_mesh.setup answers FSDP itself, before dispatching to TF.)
     assert "'fsdp:2'" in errors["fsdp_axis"] and "KERAS_BACKEND=jax" in errors["fsdp_axis"]
 
 

@@ -1,6 +1,6 @@
 """Mesh specs such as "fsdp:4,model:2": the one parser of `--mesh`.
 
-Backend-neutral (plain Python): the JAX mesh set-up, the TensorFlow
+Plain Python with no backend import: the JAX mesh set-up, the TensorFlow
 strategies and the memory planner all read a spec through `parse_mesh`.
 """
 
@@ -34,10 +34,11 @@ def parse_mesh(spec):
     if isinstance(spec, dict):
         axes = dict(spec)
         for name, size in axes.items():
-            if name not in MESH_AXES or isinstance(size, bool) or not isinstance(size, int) \
-                    or size < 1:
-                raise ValueError(f"Bad mesh axis {name!r}: {size!r}; the axes are "
-                                 f"{list(MESH_AXES)} with positive integer sizes.")
+            if name not in MESH_AXES:
+                raise ValueError(f"Unknown mesh axis {name!r}; the axes are {list(MESH_AXES)}.")
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"Mesh axis {name!r} has size {size!r}; use a positive "
+                                 "integer.")
     else:
         axes = {}
         for part in str(spec).split(","):

@@ -35,6 +35,8 @@ import re
 
 import keras
 
+from keras_vitscale import mesh_spec
+
 # regex on variable.path -> sharding of that variable over the "model" axis.
 MODEL_PARALLEL_LAYOUT = {
     r".*attention/qkv/kernel": (None, "model"),
@@ -56,39 +58,20 @@ MODEL_PARALLEL_LAYOUT = {
 # float32.
 FSDP_MIN_SIZE = 2**20
 
-MESH_AXES = ("data", "fsdp", "model")
 # Mesh axis names as keras.distribution sees them ("batch" is Keras' name
 # for the data-parallel axis).
 _AXIS_NAMES = {"data": "batch", "fsdp": "fsdp", "model": "model"}
-_SPEC_HELP = ("use 'data:N', 'fsdp:N', 'data:N,model:M' or 'fsdp:N,model:M' with "
-              "positive integer sizes, e.g. 'data:8', 'fsdp:8' or 'fsdp:4,model:2'")
 
 
 def parse_mesh(spec):
-    """Axis sizes of a mesh spec, 1 for the axes it does not name.
-
-    Args:
-        spec: e.g. "data:8", "fsdp:4,model:2".
-
-    Returns:
-        {"data": int, "fsdp": int, "model": int}.
-
-    Example:
-    ```python
-    parse_mesh("fsdp:4,model:2")  # {"data": 1, "fsdp": 4, "model": 2}
-    ```
-    """
-    axes = {}
-    for part in str(spec).split(","):
-        name, _, size = part.strip().partition(":")
-        if name not in MESH_AXES or not size.isdigit() or int(size) < 1 or name in axes:
-            raise ValueError(f"Bad --mesh {spec!r}; {_SPEC_HELP}.")
-        axes[name] = int(size)
-    if "data" in axes and "fsdp" in axes:
+    """`mesh_spec.parse_mesh`, refusing a hybrid data x fsdp mesh, which the
+    trainer's layouts do not support (the memory planner does model it)."""
+    axes = mesh_spec.parse_mesh(spec)
+    if axes["data"] > 1 and axes["fsdp"] > 1:
         raise ValueError(f"--mesh {spec!r} names both data and fsdp; use one of them "
                          f"(a hybrid data x fsdp mesh is not supported), e.g. "
                          f"'fsdp:{axes['data'] * axes['fsdp']}'.")
-    return {name: axes.get(name, 1) for name in MESH_AXES}
+    return axes
 
 
 def variable_layout(path, shape, axes, min_size=FSDP_MIN_SIZE):
