@@ -13,10 +13,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[all]"
 	touch $@
 
+# glibc malloc settings for CPU training: keep freed memory in the process
+# rather than unmapping XLA's large per-step buffer and faulting it in again
+# every step (README "Performance"; RESULTS.md "Throughput"). Other C
+# libraries ignore these variables; unset them to use glibc's defaults.
+HOST_MALLOC_ENV := MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1152921504606846976
+
 # Main job: pretrain a small ViT on the bundled digits data, then its
 # few-shot linear evaluation (tools/pretrain.py with no flags).
 pretrain: $(VENV)/.installed
-	KERAS_BACKEND=$${KERAS_BACKEND:-jax} $(BIN)/python tools/pretrain.py
+	$(HOST_MALLOC_ENV) KERAS_BACKEND=$${KERAS_BACKEND:-jax} $(BIN)/python tools/pretrain.py
 
 # Whole suite: unit tests on every backend, each backend in its own pytest
 # process; integration tests of backend-neutral orchestration (tools, study,
