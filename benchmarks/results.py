@@ -2,7 +2,8 @@
 
 A script rewrites only the text between its own `<!-- NAME:begin -->` and
 `<!-- NAME:end -->` markers, so running one benchmark never erases the
-figures of another.
+figures of another. Notes written by hand go after a section's end marker,
+where a rerun leaves them.
 """
 
 import re

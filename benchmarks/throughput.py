@@ -1,16 +1,17 @@
 """Images/s of kvs.ViT on each Keras backend, next to timm and keras-hub.
 
-Figures, not assertions. Prints a table and writes it between the
-`throughput` markers of benchmarks/RESULTS.md (other sections of that file
+Figures, not assertions. Prints a report per mode and writes it between the
+`throughput_infer` / `throughput_train` markers of benchmarks/RESULTS.md
+(a run rewrites only the modes it measured; other sections of that file
 belong to other benchmarks and are left untouched).
 
 What is timed, per model (ViT-S/16, ViT-B/16; 224 px, float32, 1000 classes)
 and batch size:
-- inference: one forward pass (Keras `predict_on_batch`; timm under
-  `torch.inference_mode()`);
-- training step: forward + backward + AdamW update (Keras `model.compile` +
-  `train_on_batch`, default `jit_compile`; timm `loss.backward()` +
-  `torch.optim.AdamW`).
+- inference (`--modes infer`): one forward pass (Keras `predict_on_batch`;
+  timm under `torch.inference_mode()`);
+- training (`--modes train`): forward + backward + AdamW update (Keras
+  `model.compile` + `train_on_batch`, default `jit_compile`; timm
+  `loss.backward()` + `torch.optim.AdamW`).
 
 Contenders:
 - `kvs/<backend>`: `kvs.ViT` configured like timm's `vit_*_patch16_224`
@@ -27,21 +28,24 @@ contender, then times them in rounds, one step each per round (A B C A B C
 alike; each round also times a float32 numpy 2048x2048 matmul, the peak for
 model FLOPs utilisation: MFU = k x forward FLOPs/image x images/s / peak,
 with k = 1 for inference and 3 for training, forward FLOPs from
-`ViTConfig.flops_per_image()`. Reported: medians over rounds, and ratios to
-timm eager from the same rounds.
+`ViTConfig.flops_per_image()`. Reported: medians over rounds, ratios to
+timm eager from the same rounds, and MFU. On a shared machine the ratios
+hold (every contender shares the rounds' load); the absolute figures and
+MFU need a quiet one.
 
-Every worker, timm's included, starts with glibc malloc keeping freed memory
-(`--host-malloc retain`, as tools/pretrain.py does on a CPU; see
-keras_vitscale/training/host_memory.py): with glibc's defaults XLA's
-per-step temporary buffer is unmapped and page-faulted in again every step,
-which cost JAX training 20% here. `--host-malloc system` measures the
-defaults.
+Host malloc: every worker, timm's included, starts with glibc malloc keeping
+freed memory (`--host-malloc retain`: MALLOC_ARENA_MAX=1, MALLOC_MMAP_MAX_=0,
+MALLOC_TRIM_THRESHOLD_ huge; a variable already set in the environment is
+kept). With glibc's defaults XLA's per-step temporary buffer is unmapped
+after every step and page-faulted in again on the next, which slows CPU
+training (RESULTS.md, throughput section). `--host-malloc system` measures
+glibc's defaults.
 
 Usage:
-    python benchmarks/throughput.py                # S/16 + B/16, batch 8 (long)
-    python benchmarks/throughput.py --models S/16 --repeats 3 --timm-compile none
-        # what RESULTS.md records: 16 min on a 2-core CPU shared with other jobs
-    python benchmarks/throughput.py --quick        # ViT-S/16, batch 8, 3 rounds
+    python benchmarks/throughput.py                # S/16 + B/16, batch 8, both modes (long)
+    python benchmarks/throughput.py --modes train --timm-compile none --no-keras-hub
+        # training only: kvs on every backend vs timm eager, with MFU
+    python benchmarks/throughput.py --quick        # ViT-S/16, batch 8, 3 rounds, no write
     python benchmarks/throughput.py --models S/16 --batch-sizes 8 32 \\
         --backends jax --modes infer --repeats 7 --no-write
 """
@@ -63,10 +67,19 @@ import numpy as np
 import results  # noqa: E402  (benchmarks/results.py: the shared RESULTS.md writer)
 
 RESULTS = results.RESULTS
+# glibc's documented malloc variables, read once when a process starts, so they
+# are set in each worker's environment: every thread allocates from the main
+# heap (a thread arena would mmap big blocks anyway), no block gets its own
+# mmap, and the heap's free top is never trimmed, so the next step reuses the
+# same pages instead of faulting a fresh buffer in.
+RETAINING_MALLOC_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(2**60),
+}
 MALLOC_NOTE = {
     "retain": "Host malloc: every worker (timm too) runs with glibc keeping freed memory "
-              "(--host-malloc retain: MALLOC_ARENA_MAX=1, MALLOC_MMAP_MAX_=0, no trimming; "
-              "keras_vitscale/training/host_memory.py).",
+              "(--host-malloc retain: MALLOC_ARENA_MAX=1, MALLOC_MMAP_MAX_=0, no trimming).",
     "system": "Host malloc: glibc defaults (--host-malloc system).",
 }
 TAG = "@@throughput "  # prefix of the workers' protocol lines on stdout
@@ -239,23 +252,36 @@ def worker(kind):
 
 # ----------------------------------------------------------------- driver --
 
+def has_glibc():
+    """True on Linux with glibc, the only C library the malloc variables apply to."""
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
 def worker_env(host_malloc, keras_backend=None):
     """The environment of a benchmark worker process.
 
     Args:
-        host_malloc: "retain" (the same retaining malloc settings for every
-            worker, timm's included) or "system". "retain" without glibc
-            exits with the error the training tools give.
+        host_malloc: "retain" (RETAINING_MALLOC_ENV for every worker, timm's
+            included; a variable already set in the environment is kept, its
+            setter manages malloc) or "system" (glibc's defaults). "retain"
+            without glibc exits with an error that says to use "system".
         keras_backend: KERAS_BACKEND for a Keras worker; None for PyTorch.
-    """
-    from keras_vitscale.training import host_memory
 
+    Example:
+    ```python
+    env = worker_env("retain", "jax")  # env["MALLOC_ARENA_MAX"] == "1"
+    ```
+    """
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
-    try:
-        if host_memory.wants_retaining_malloc(host_malloc):
-            env = host_memory.retaining_malloc_env(env)
-    except ValueError as err:
-        raise SystemExit(f"ERROR: {err}")
+    if host_malloc not in ("retain", "system"):
+        raise SystemExit(f"ERROR: --host-malloc {host_malloc!r} is not one of retain, system.")
+    if host_malloc == "retain":
+        if not has_glibc():
+            raise SystemExit(
+                f"ERROR: --host-malloc retain needs Linux with glibc; this is {sys.platform} "
+                f"({platform.libc_ver()[0] or 'no glibc'}). Use --host-malloc system.")
+        for name, value in RETAINING_MALLOC_ENV.items():
+            env.setdefault(name, value)
     if keras_backend:
         env["KERAS_BACKEND"] = keras_backend
     return env
@@ -381,36 +407,60 @@ def _cpu_model():
     return platform.processor() or "unknown"
 
 
-def report(res, args, title=None):
-    """The Markdown section: set-up, versions, load, matmul peak and the table.
+MODE_TITLES = {
+    "infer": "Inference: images/s vs timm and keras-hub",
+    "train": "Training: images/s vs timm eager, and MFU",
+}
+MODE_STEPS = {
+    "infer": "Inference = one forward pass (Keras: predict_on_batch; timm: "
+             "torch.inference_mode). MFU = forward FLOPs/image (ViTConfig.flops_per_image) "
+             "x images/s / matmul peak.",
+    "train": "Training = forward + backward + AdamW (Keras: compile + train_on_batch, default "
+             "jit_compile; timm: loss.backward + torch.optim.AdamW). MFU = 3 x forward "
+             "FLOPs/image (ViTConfig.flops_per_image) x images/s / matmul peak.",
+}
+
+
+def section_name(mode):
+    """The RESULTS.md marker name of one mode's report, e.g. "throughput_train"."""
+    return f"throughput_{mode}"
+
+
+def report(res, args, mode):
+    """One mode's Markdown block: set-up, versions, load, matmul peak and the table.
 
     Args:
         res: `run`'s result (or the same read back from --raw).
         args: the parsed arguments (for the warm-up count).
-        title: the "## " heading (default: this script's).
+        mode: "infer" or "train"; only that mode's rows are reported.
+
+    Example:
+    ```python
+    text = report(res, args, "train")  # "### Training: ..." and its table
+    ```
     """
-    title = title or "Throughput: images/s vs timm and keras-hub (benchmarks/throughput.py)"
+    rows = [row for row in res["rows"] if row["mode"] == mode]
     peak = statistics.median(res["peaks"]) if res["peaks"] else float("nan")
     reference = {}
-    for row in res["rows"]:
+    for row in rows:
         if "seconds" in row and row["name"] == "timm-eager":
-            reference[row["variant"], row["batch"], row["mode"]] = row
+            reference[row["variant"], row["batch"]] = row
     lines = ["| model | batch | mode | contender | images/s (median) | min-max | vs timm eager "
              "(same rounds) | MFU | first step s |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for row in res["rows"]:
+    k = 3 if mode == "train" else 1
+    for row in rows:
         head = f"| {row['variant']} | {row['batch']} | {row['mode']} | {row['name']} |"
         if "error" in row:
             lines.append(f"{head} {row['error'][:150]} | | | | |")
             continue
         per_round = [row["batch"] / s for s in row["seconds"]]
         ips = statistics.median(per_round)
-        ref = reference.get((row["variant"], row["batch"], row["mode"]))
+        ref = reference.get((row["variant"], row["batch"]))
         ratio = ""
         if ref is not None:
             # ratio per round, then the median: both ran under the same load
             ratio = f"{statistics.median(r / s for r, s in zip(ref['seconds'], row['seconds'])):.2f}x"
-        k = 3 if row["mode"] == "train" else 1
         mfu = k * row["flops"] * ips / (peak * 1e9)
         lines.append(f"{head} {ips:.2f} | {min(per_round):.2f}-{max(per_round):.2f} | {ratio} "
                      f"| {100 * mfu:.1f}% | {row['first_step_s']:.1f} |")
@@ -418,94 +468,84 @@ def report(res, args, title=None):
     v = {}
     for kind_versions in res["versions"].values():
         v.update(kind_versions)
-    versions = ", ".join(f"{k} {val}" for k, val in sorted(v.items())
+    versions = ", ".join(f"{name} {val}" for name, val in sorted(v.items())
                          if not str(val).startswith("not available"))
     fmt = lambda t: " ".join(f"{x:.2f}" for x in t)  # noqa: E731
     header = [
-        f"## {title}",
+        f"### {MODE_TITLES[mode]}",
         "",
         f"Date: {datetime.date.today().isoformat()}. Machine: {os.cpu_count()} cores, "
         f"{_cpu_model()}, {platform.machine()}, no GPU; shared with other jobs.",
         f"Versions: {versions}.",
         f"Load average (1/5/15 min): start {fmt(res['load_start'])}, end {fmt(res['load_end'])}. "
-        f"Wall time {res['wall_s'] / 60:.1f} min.",
+        f"Wall time {res['wall_s'] / 60:.1f} min (the whole run, all modes).",
         f"Matmul peak (float32 numpy 2048x2048, once per round): median {peak:.0f} GFLOP/s, "
         f"range {min(res['peaks']):.0f}-{max(res['peaks']):.0f}." if res["peaks"] else "",
         MALLOC_NOTE[res.get("host_malloc", "system")],
         "",
         "224 px, float32, 1000 classes, random data; kvs.ViT configured like timm "
-        "(class token, learned posemb, exact GELU). Training = forward + backward + AdamW "
-        "(Keras: compile + train_on_batch, default jit_compile; timm: loss.backward + "
-        "torch.optim.AdamW). Contenders timed in interleaved rounds, one step each per round; "
+        f"(class token, learned posemb, exact GELU). {MODE_STEPS[mode]} Contenders timed in "
+        "interleaved rounds, one step each per round; "
         f"{args.warmup} warm-up step(s) after the first (compiling) one. vs timm eager = median "
-        "over rounds of (timm eager step time / contender step time). MFU = k x forward "
-        "FLOPs/image (ViTConfig.flops_per_image) x images/s / matmul peak, k = 1 inference, "
-        "3 training.",
+        "over rounds of (timm eager step time / contender step time).",
         "",
         table,
     ]
     return "\n".join(header)
 
 
-def build_parser(description, modes=("infer", "train"), timm_compile="infer", keras_hub=True,
-                 raw="throughput_raw.json"):
-    """The command line, with defaults a front script (train_throughput.py) may change.
-
-    Args:
-        description: the --help text.
-        modes: default --modes.
-        timm_compile: default --timm-compile.
-        keras_hub: whether keras-hub's ViT is a contender by default.
-        raw: file name (in $TMPDIR) of the raw timings.
-    """
+def build_parser():
+    """The command line (see the module docstring for what is timed)."""
     tmp = os.environ.get("TMPDIR", "/tmp")
-    p = argparse.ArgumentParser(description=description,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See the module docstring for what is timed.")
     p.add_argument("--models", nargs="+", default=["S/16", "B/16"],
                    help="ViT variants (default: S/16 B/16).")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[8],
-                   help="batch sizes (default: 8; 32 roughly quadruples the run time).")
+                   help="batch sizes (default: 8; larger batches take proportionally longer).")
     p.add_argument("--backends", nargs="+", default=["jax", "tensorflow", "torch"],
-                   choices=["jax", "tensorflow", "torch"], help="Keras backends.")
-    p.add_argument("--modes", nargs="+", default=list(modes), choices=["infer", "train"],
-                   help=f"what to time (default: {' '.join(modes)}).")
-    p.add_argument("--keras-hub", action=argparse.BooleanOptionalAction, default=keras_hub,
+                   choices=["jax", "tensorflow", "torch"],
+                   help="Keras backends (default: jax tensorflow torch).")
+    p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"],
+                   help="what to time: inference, training (forward + backward + AdamW, "
+                        "reported with MFU), or both (default: infer train). Each mode "
+                        "writes its own block of RESULTS.md.")
+    p.add_argument("--keras-hub", action=argparse.BooleanOptionalAction, default=True,
                    help="time keras-hub's ViTBackbone too (default: %(default)s).")
     p.add_argument("--repeats", type=int, default=0,
                    help="timed rounds per case (default: 5 for S/16, 3 for larger models).")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed steps after the first (compiling) one (default: 1).")
-    p.add_argument("--timm-compile", choices=["none", "infer", "train", "all"],
-                   default=timm_compile,
+    p.add_argument("--timm-compile", choices=["none", "infer", "train", "all"], default="infer",
                    help="where to add the torch.compile contender (default: %(default)s; "
                         "its compile takes minutes, for training longer).")
     p.add_argument("--quick", action="store_true",
                    help="ViT-S/16, batch 8, 3 rounds, no torch.compile; does not write RESULTS.md.")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone.")
-    p.add_argument("--log", default=os.path.join(tmp, raw.replace("_raw.json", "_workers.log")),
+    p.add_argument("--log", default=os.path.join(tmp, "throughput_workers.log"),
                    help="where the workers' stderr goes (default: %(default)s).")
-    p.add_argument("--raw", default=os.path.join(tmp, raw),
+    p.add_argument("--raw", default=os.path.join(tmp, "throughput_raw.json"),
                    help="where the raw per-round timings are saved, JSON (default: %(default)s).")
     p.add_argument("--from-raw", action="store_true",
-                   help="re-make the table from --raw without measuring.")
+                   help="re-make the report from --raw without measuring (only --modes).")
     p.add_argument("--host-malloc", choices=("retain", "system"), default="retain",
                    help="'retain' (default): start every worker, timm's too, with glibc "
-                   "malloc keeping freed memory, as tools/pretrain.py does on a CPU, so "
-                   "XLA's per-step buffers are not page-faulted in again each step; "
-                   "'system': glibc defaults")
+                        "malloc keeping freed memory (MALLOC_ARENA_MAX=1, MALLOC_MMAP_MAX_=0, "
+                        "no trimming; variables already set are kept), so XLA's per-step "
+                        "buffers are not page-faulted in again each step; 'system': glibc's "
+                        "defaults.")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p
 
 
-def execute(args, section, title=None):
-    """Measures (or reads --raw), prints the report, writes RESULTS.md's `section`.
+def main(argv=None):
+    """Measures (or reads --raw), prints each mode's report, writes RESULTS.md.
 
     Args:
-        args: `build_parser(...).parse_args()`.
-        section: the RESULTS.md marker name, e.g. "throughput".
-        title: the report's heading (default: `report`'s).
+        argv: the command line without the program name (default: sys.argv[1:]).
     """
+    args = build_parser().parse_args(argv)
     if args.worker:
         return worker(args.worker)
     if args.quick:
@@ -514,23 +554,17 @@ def execute(args, section, title=None):
     if args.from_raw:
         with open(args.raw) as f:
             res = json.load(f)
-        # A raw file can hold more modes than this report asks for (e.g. the
-        # training-only section re-made from a full throughput run).
-        res["rows"] = [row for row in res["rows"] if row["mode"] in args.modes]
     else:
         res = run(args)
         with open(args.raw, "w") as f:
             json.dump(res, f)
-    text = report(res, args, title)
-    print("\n" + text)
-    if not args.no_write:
-        results.write_section(section, text)
-        print(f"\nwrote section {section!r} to {RESULTS}")
-
-
-def main(argv=None):
-    args = build_parser(__doc__.split("\n\n")[0]).parse_args(argv)
-    return execute(args, "throughput")
+    measured = {row["mode"] for row in res["rows"]}
+    for mode in [m for m in args.modes if m in measured]:
+        text = report(res, args, mode)
+        print("\n" + text)
+        if not args.no_write:
+            results.write_section(section_name(mode), text)
+            print(f"\nwrote section {section_name(mode)!r} to {RESULTS}")
 
 
 if __name__ == "__main__":
