@@ -48,8 +48,9 @@ def _assert_all_close(outputs):
 
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_formulations_give_the_same_attention(rng, with_bias):
-    q, k, v = (rng.normal(size=(2, 10, 3, 8)).astype("float32") for _ in range(3))
-    bias = rng.normal(size=(1, 3, 10, 10)).astype("float32") if with_bias else None
+    q, k, v = (ops.convert_to_tensor(rng.normal(size=(2, 10, 3, 8)), "float32")
+               for _ in range(3))
+    bias = ops.convert_to_tensor(rng.normal(size=(1, 3, 10, 10)), "float32") if with_bias else None
     outputs = _under_each_setting(lambda: attention(q, k, v, bias=bias))
     assert outputs["fused"].shape == (2, 10, 3, 8)
     _assert_all_close(outputs)
@@ -87,6 +88,6 @@ def test_bad_name_is_refused_naming_it_and_the_choices(monkeypatch):
     monkeypatch.setenv(ATTENTION_ENV, "Fused")
     with pytest.raises(ValueError, match=r"\$KVS_ATTENTION is 'Fused'.*auto, fused, explicit"):
         attention_implementation()
-    q = np.ones((1, 4, 2, 8), "float32")
+    q = ops.ones((1, 4, 2, 8))
     with pytest.raises(ValueError, match="KVS_ATTENTION"):
         attention(q, q, q)
