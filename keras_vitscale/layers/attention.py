@@ -6,11 +6,11 @@ switch:
 - "fused": `keras.ops.dot_product_attention`, the backend's fused kernel
   (cuDNN or flash attention on GPU, torch's scaled_dot_product_attention);
 - "explicit": softmax(q k^T / sqrt(dh) + bias) v written out as two batched
-  matmuls in head-major layout, with the softmax in float32. On CPU, JAX and
+  matmuls in head-major layout, with the softmax in float32; on CPU, JAX and
   TensorFlow run it faster than dot_product_attention's XLA lowering
-  (benchmarks/RESULTS.md, "JAX formulations A/B" and the throughput notes).
-- "auto" (the default): "explicit" on JAX or TensorFlow without an
-  accelerator, "fused" otherwise (torch always).
+  (benchmarks/RESULTS.md, "JAX formulations A/B" and the throughput notes);
+- "auto" (the default): "explicit" where JAX or TensorFlow runs on CPU only,
+  "fused" on a GPU or TPU and on torch.
 
 Choose with `set_attention_implementation(name)` or the environment variable
 `KVS_ATTENTION=auto|fused|explicit`; the setter wins over the variable. Both
