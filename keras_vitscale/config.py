@@ -10,8 +10,9 @@ import dataclasses
 import math
 import re
 
-# name -> (width, depth, mlp_dim, num_heads); Scaling ViT, Table 2, and
-# ViT-22B. "e" and "22B" are in REFERENCE.md section 1.
+# name -> (width, depth, mlp_dim, num_heads): Scaling ViT (Zhai et al. 2022),
+# Table 2; "e" is PaLI's ViT-e (Chen et al. 2022) and "22B" ViT-22B
+# (Dehghani et al. 2023).
 VARIANTS = {
     "mu": (32, 1, 128, 2),
     "s": (256, 6, 1024, 8),

@@ -13,7 +13,7 @@ _MODEL_KWARGS = ("name", "dtype", "trainable")
 
 def _patch_initializer(config):
     if config.block == "vanilla":
-        from keras_vitscale.layers.simplest import vanilla_patch_initializer
+        from keras_vitscale.layers.embedding import vanilla_patch_initializer
 
         return vanilla_patch_initializer(config)
     return "lecun_normal"  # flax's Conv default, as big_vision
@@ -25,7 +25,7 @@ def _make_block(config, index, dtype):
         return L.SequentialBlock(config, name=name, dtype=dtype)
     if config.block == "parallel":
         return L.ParallelBlock(config, name=name, dtype=dtype)
-    from keras_vitscale.layers.simplest import VanillaBlock
+    from keras_vitscale.layers.blocks import VanillaBlock
 
     return VanillaBlock(config, layer_index=index, name=name, dtype=dtype)
 

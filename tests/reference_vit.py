@@ -1,4 +1,5 @@
-"""An independent float64 numpy ViT forward pass, written from REFERENCE.md.
+"""An independent float64 numpy ViT forward pass, written from the papers'
+formulas (ViT, big_vision's numerics, ViT-22B's parallel block).
 
 Reads the weights of a kvs.ViT by variable path; used to check the Keras
 layers on every backend where no outside library has the same model

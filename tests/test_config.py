@@ -7,7 +7,7 @@ import pytest
 
 from keras_vitscale.config import VARIANTS, ViTConfig, parse_variant
 
-# timm's class-token ViT, 1000-class head (REFERENCE.md section 1).
+# timm's class-token ViT with a 1000-class head: its models' parameter counts.
 TIMM_EXACT = {"Ti/16": 5_717_416, "S/16": 22_050_664, "B/16": 86_567_656}
 TIMM_ROUNDED_M = {"B/32": 88.22, "L/16": 304.33, "H/14": 632.05, "g/14": 1012.61,
                   "G/14": 1844.44}

@@ -1,6 +1,26 @@
-"""Multi-head self-attention with fused QKV, optional QK-LayerNorm."""
+"""Multi-head self-attention with fused QKV, optional QK-LayerNorm.
+
+The attention core has two formulations, chosen like timm's fused-attention
+switch:
+
+- "fused": `keras.ops.dot_product_attention`, the backend's fused kernel
+  (cuDNN or flash attention on GPU, torch's scaled_dot_product_attention);
+- "explicit": softmax(q k^T / sqrt(dh) + bias) v written out as two batched
+  matmuls in head-major layout, with the softmax in float32; on CPU, JAX and
+  TensorFlow run it faster than dot_product_attention's XLA lowering
+  (benchmarks/RESULTS.md, "JAX formulations A/B" and the throughput notes);
+- "auto" (the default): "explicit" where JAX or TensorFlow runs on CPU only,
+  "fused" on a GPU or TPU and on torch.
+
+Choose with `set_attention_implementation(name)` or the environment variable
+`KVS_ATTENTION=auto|fused|explicit`; the setter wins over the variable. Both
+formulations compute the same function (to float32 rounding). The choice is
+read when attention is traced, so set it before a model's first call or
+compiled step.
+"""
 
 import functools
+import os
 
 import keras
 from keras import ops
@@ -9,14 +29,65 @@ from keras_vitscale.layers.dense import FusedXavierUniform, TokenDense
 from keras_vitscale.layers.dropout import seeded_dropout
 from keras_vitscale.layers.normalization import LayerNorm
 
+ATTENTION_ENV = "KVS_ATTENTION"
+ATTENTION_IMPLEMENTATIONS = ("auto", "fused", "explicit")
+_chosen_implementation = None  # set by set_attention_implementation
+
+
+def _checked(name, source):
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"{source} is {name!r}; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)} "
+            '("auto" picks "explicit" on a CPU-only JAX or TensorFlow, else "fused").')
+    return name
+
+
+def set_attention_implementation(name):
+    """Chooses the attention formulation for the whole process.
+
+    Args:
+        name: "auto", "fused" or "explicit" (see the module docstring), or
+            None to go back to the `KVS_ATTENTION` environment variable
+            (default "auto").
+
+    Returns:
+        The previous setting (a name or None), so a caller can restore it.
+
+    Example:
+    ```python
+    previous = set_attention_implementation("fused")
+    ...
+    set_attention_implementation(previous)
+    ```
+    """
+    global _chosen_implementation
+    previous = _chosen_implementation
+    _chosen_implementation = None if name is None else _checked(
+        name, "set_attention_implementation's name")
+    return previous
+
+
+def attention_implementation():
+    """The attention formulation in force: "auto", "fused" or "explicit".
+
+    The value given to `set_attention_implementation`, else the
+    `KVS_ATTENTION` environment variable, else "auto".
+
+    Example:
+    ```python
+    attention_implementation()  # "auto" unless chosen
+    ```
+    """
+    if _chosen_implementation is not None:
+        return _chosen_implementation
+    return _checked(os.environ.get(ATTENTION_ENV, "auto"), f"${ATTENTION_ENV}")
+
 
 @functools.cache  # the backend and its devices are fixed for the process
-def _use_xla_cpu_path():
-    # PERF-NOTES rule 3: on CPU a plain softmax(QK^T)V in head-major layout is
-    # faster than dot_product_attention's XLA path (ViT-S/16 on JAX: +12-28%
-    # inference, +4-12% training; on TensorFlow +11% inference; RESULTS.md
-    # "jax_formulations"); elsewhere the fused kernel (cuDNN / flash / torch
-    # SDPA) is the one to use.
+def _explicit_is_faster_here():
+    # On CPU the explicit head-major formulation beats dot_product_attention's
+    # XLA path on JAX and TensorFlow (benchmarks/RESULTS.md, "JAX formulations
+    # A/B"); elsewhere the fused kernel (cuDNN, flash, torch SDPA) is the one.
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
@@ -29,8 +100,17 @@ def _use_xla_cpu_path():
     return False
 
 
+def _use_explicit():
+    name = attention_implementation()
+    if name == "auto":
+        return _explicit_is_faster_here()
+    return name == "explicit"
+
+
 def attention(query, key, value, bias=None):
     """softmax(q k^T / sqrt(dh) + bias) v for (B, N, H, dh) inputs.
+
+    The formulation follows `attention_implementation()`.
 
     Args:
         query: (B, T, H, dh). key, value: (B, S, H, dh).
@@ -38,13 +118,20 @@ def attention(query, key, value, bias=None):
 
     Returns:
         (B, T, H, dh).
+
+    Example:
+    ```python
+    q = keras.ops.ones((2, 17, 4, 16))
+    attention(q, q, q).shape  # (2, 17, 4, 16)
+    ```
     """
-    if not _use_xla_cpu_path():
+    if not _use_explicit():
         return ops.dot_product_attention(query, key, value, bias=bias)
     scale = ops.cast(1.0 / (query.shape[-1] ** 0.5), query.dtype)
     # Head-major (B, H, N, dh) operands and plain batched matmuls: written as
     # "bthd,bshd->bhts" einsums, XLA-CPU fused both products and the softmax
-    # into one YNNPACK call that ran 3x slower than this.
+    # into one much slower YNNPACK call (benchmarks/RESULTS.md, throughput
+    # notes, "Profile").
     q = ops.transpose(query * scale, (0, 2, 1, 3))
     k = ops.transpose(key, (0, 2, 3, 1))
     v = ops.transpose(value, (0, 2, 1, 3))
@@ -70,6 +157,12 @@ def merge_heads(x):
 
 class MultiHeadSelfAttention(keras.layers.Layer):
     """Self-attention with one fused (D, 3D) QKV projection.
+
+    The attention core is `attention`: the backend's fused kernel or the
+    explicit softmax(q k^T) v, per `set_attention_implementation` or
+    `KVS_ATTENTION=auto|fused|explicit` (default "auto": explicit on a
+    CPU-only JAX or TensorFlow, fused otherwise; same outputs to float32
+    rounding).
 
     Args:
         width: token width D.

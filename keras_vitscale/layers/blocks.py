@@ -1,17 +1,19 @@
-"""Encoder blocks: sequential pre-LN (ViT) and parallel (ViT-22B).
-
-The vanilla SimplEsT-ViT block (no LayerNorm, no skips) is in
-`keras_vitscale/layers/simplest.py`.
+"""Encoder blocks: sequential pre-LN (ViT), parallel (ViT-22B) and vanilla
+(SimplEsT-ViT: no LayerNorm, no skips; its E-SPA attention is in
+`layers/espa.py`, its TAT activation and MLP in `layers/tat.py`).
 """
 
 import keras
 from keras import ops
 
+from keras_vitscale.config import ViTConfig
 from keras_vitscale.layers.attention import MultiHeadSelfAttention, attend
 from keras_vitscale.layers.dense import FusedXavierUniform, TokenDense, project
 from keras_vitscale.layers.dropout import seeded_dropout
+from keras_vitscale.layers.espa import ESPAAttention
 from keras_vitscale.layers.mlp import MLP, gelu, mlp_bias_initializer
 from keras_vitscale.layers.normalization import LayerNorm
+from keras_vitscale.layers.tat import TATMLP, tat_slope
 
 
 class RematBlock(keras.layers.Layer):
@@ -151,3 +153,61 @@ class ParallelBlock(RematBlock):
         hidden = self.dropout(gelu(hidden, c.gelu), training=training)
         out = self.attn_mlp_out(ops.concatenate([attended, hidden], axis=-1))
         return x + self.dropout(out, training=training)
+
+
+class VanillaBlock(keras.layers.Layer):
+    """SimplEsT-ViT block (Cepka 2023): [E-SPA attention, no output
+    projection], then [Linear, TReLU, Linear, TReLU]; no norm, no skip.
+
+    Signal propagation at initialisation is kept healthy by E-SPA's attention
+    (`layers/espa.py`) and TAT's activations (`layers/tat.py`) instead of
+    normalisation and residuals.
+
+    The TReLU slope is `tat_slope(config.depth)`: the network's C-map is the
+    leaky-ReLU map composed once per TReLU, 2 * depth times (two per block),
+    as in the SimplEsT-ViT repository. Patch embedding, attention and linear
+    layers are (near-)linear and do not count; the SimplEsT-ViT "effective
+    depth" of 3 * depth + 2 counts layers, not nonlinearities.
+
+    Args:
+        config: the model's `ViTConfig` (block "vanilla").
+        layer_index: 0-based index of this block.
+
+    Example:
+    ```python
+    cfg = ViTConfig.from_variant("S/4", image_size=32, block="vanilla",
+                                 posemb="sincos2d", pooling="gap")
+    block = VanillaBlock(cfg, layer_index=0, name="encoder_block_0")
+    block(keras.ops.ones((2, 64, 384))).shape  # (2, 64, 384)
+    ```
+    """
+
+    def __init__(self, config, layer_index, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+        self.layer_index = layer_index
+        self.attention = ESPAAttention(config.num_heads, layer_index, config.depth,
+                                       qkv_bias=config.qkv_bias, name="attention",
+                                       dtype=self.dtype_policy)
+        self.mlp = TATMLP(config.mlp_dim, tat_slope(config.depth), use_bias=config.mlp_bias,
+                          name="mlp", dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        self.attention.build(input_shape)
+        self.mlp.build(input_shape)
+
+    def call(self, x):
+        return self.mlp(self.attention(x))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "config": self.config.to_dict(),
+                "layer_index": self.layer_index}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["config"] = ViTConfig.from_dict(config["config"])
+        return cls(**config)

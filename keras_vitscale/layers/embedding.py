@@ -1,4 +1,5 @@
-"""Patch embedding, class token and position embeddings (learned, sincos2d)."""
+"""Patch embedding (and its initializer for vanilla models), class token and
+position embeddings (learned, sincos2d)."""
 
 import math
 
@@ -48,6 +49,32 @@ class PatchEmbedding(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         ph, pw = self.patch_size
         return (input_shape[0], (input_shape[1] // ph) * (input_shape[2] // pw), self.width)
+
+
+def vanilla_patch_initializer(config):
+    """normal(0, variance 1 / patch_dim): the patch kernel of a vanilla model.
+
+    A model without normalisation (block "vanilla", SimplEsT-ViT) needs its
+    first layer to keep the pixels' scale; patch_dim = ph * pw * C is the
+    fan-in of the (ph, pw, C, D) kernel, and the SimplEsT-ViT repository uses
+    std = patch_dim ** -0.5, i.e. variance 1 / patch_dim.
+
+    Args:
+        config: the model's `ViTConfig`.
+
+    Returns:
+        A `keras.initializers.RandomNormal`.
+
+    Example:
+    ```python
+    cfg = ViTConfig.from_variant("S/4", image_size=32, block="vanilla",
+                                 posemb="sincos2d", pooling="gap")
+    PatchEmbedding(cfg.width, cfg.patch_size,
+                   kernel_initializer=vanilla_patch_initializer(cfg))
+    ```
+    """
+    ph, pw = config.patch_size
+    return keras.initializers.RandomNormal(stddev=1.0 / math.sqrt(ph * pw * config.in_channels))
 
 
 class ClassToken(keras.layers.Layer):

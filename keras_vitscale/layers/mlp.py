@@ -25,7 +25,8 @@ def gelu(x, flavour):
     """GELU: "tanh" approximation (big_vision) or "exact" erf form (timm)."""
     if flavour == "exact" and keras.backend.backend() == "jax":
         # The same function as jax.nn.gelu(approximate=False), which is written
-        # with erfc: on XLA-CPU erfc and its derivative cost twice erf's.
+        # with erfc: on XLA-CPU erfc and its derivative are slower than erf's
+        # (benchmarks/RESULTS.md, throughput notes, "Exact GELU").
         return 0.5 * x * (1.0 + ops.erf(x * math.sqrt(0.5)))
     return ops.gelu(x, approximate=(flavour == "tanh"))
 

@@ -10,11 +10,12 @@ gradient is a long chain of cheap elementwise adds (each block's LayerNorm
 backward adds `g - mean(g) - x_hat * mean(g * x_hat)` terms to it). XLA-CPU's
 fusion pass duplicates cheap producers into every consumer, so each block's
 gradient fusion recomputed the whole chain from the top of the network:
-fusions with up to 179 operands and O(depth^2) memory traffic in the ViT-S/16
-training step on JAX (RESULTS.md "jax_formulations"). With a custom gradient
-the input gradient is one expression over the saved x_hat and 1/sigma, which
-XLA materialises once per block. On TensorFlow the same custom gradient
-made the Keras training step 7% slower, so there Keras' op is kept.
+fusions whose operand count and memory traffic grow with depth (O(depth^2))
+in the training step on JAX. With a custom gradient the input gradient is
+one expression over the saved x_hat and 1/sigma, which XLA materialises once
+per block. On TensorFlow the same custom gradient made the Keras training
+step slower, so there Keras' op is kept. Figures: benchmarks/RESULTS.md,
+"JAX formulations A/B" (LayerNorm gradient).
 """
 
 import keras

@@ -1,9 +1,7 @@
-"""SimplEsT-ViT layers: E-SPA targets, TAT slopes, init-time propagation.
-
-Outside references: REFERENCE.md's check values, scipy's matrix square root
-for the E-SPA targets, Gauss-Hermite quadrature of the actual TReLU layer
-for its C-map, and the infinite-width kernel recursion (float64 numpy) for
-the network at initialisation.
+"""The vanilla (SimplEsT-ViT) block in a kvs.ViT at initialisation: weight
+statistics, each attention equal to E-SPA's target (scipy, in
+tests/reference_espa.py), and the whole encoder's token kernel against the
+infinite-width E-SPA + TAT recursion (float64 numpy); the vanilla presets.
 """
 
 import json
@@ -12,43 +10,16 @@ import math
 import keras
 import numpy as np
 import pytest
-import scipy.linalg
-import scipy.special
 from keras import ops
 
 import keras_vitscale as kvs
 from keras_vitscale.config import ViTConfig
-from keras_vitscale.layers.simplest import (
-    ESPAAttention,
-    TReLU,
-    VanillaBlock,
-    espa_gammas,
-    espa_target_attention,
-    tat_slope,
-)
+from keras_vitscale.layers.tat import tat_slope
 from keras_vitscale.presets import builtin_dir
+from reference_espa import reference_attention
 
 WIDTH, DEPTH, IMAGE, PATCH = 256, 8, 32, 4
 TOKENS = (IMAGE // PATCH) ** 2
-
-
-def reference_gammas(depth, gamma_last=0.005):
-    alpha_last = math.sqrt(1 - math.exp(-2 * gamma_last))
-    return [-0.5 * math.log(1 - alpha_last ** (2 * l / depth)) for l in range(1, depth + 1)]
-
-
-def reference_attention(num_tokens, layer, depth):
-    """A_l = sqrtm(Sigma_l) sqrtm(Sigma_{l-1})^-1 with scipy, float64."""
-    index = np.arange(num_tokens)
-    gammas = reference_gammas(depth)
-
-    def sigma(l):
-        if l == 0:
-            return np.eye(num_tokens)
-        return np.exp(-gammas[l - 1] * np.abs(index[:, None] - index[None, :]))
-
-    current = np.real(scipy.linalg.sqrtm(sigma(layer)))
-    return current @ np.linalg.inv(np.real(scipy.linalg.sqrtm(sigma(layer - 1))))
 
 
 @pytest.fixture(scope="module")
@@ -59,86 +30,7 @@ def vanilla_vit():
                    pooling="gap", num_classes=10)
 
 
-# ---- check values -------------------------------------------------------------
-def test_gammas_match_reference_check_values():
-    gammas = espa_gammas(12)
-    assert gammas[0] == pytest.approx(0.571, abs=5e-4)
-    assert gammas[5] == pytest.approx(0.0525, abs=5e-5)
-    assert gammas[11] == pytest.approx(0.005, abs=1e-12)
-    assert np.all(np.diff(gammas) < 0)
-
-
-@pytest.mark.parametrize("depth,slope", [(12, 0.2385), (24, 0.4212), (64, 0.6125)])
-def test_tat_slopes_match_reference_check_values(depth, slope):
-    assert tat_slope(depth) == pytest.approx(slope, abs=6e-5)
-
-
-@pytest.mark.parametrize("depth", [6, 3, 1])
-def test_too_shallow_for_eta_raises_naming_depth_and_minimum(depth):
-    with pytest.raises(ValueError, match=rf"depth {depth}\b.*depth >= 7"):
-        tat_slope(depth)
-    config = ViTConfig.from_variant("mu", depth=depth, patch_size=4, image_size=16,
-                                    block="vanilla", posemb="sincos2d", pooling="gap")
-    with pytest.raises(ValueError, match="depth >= 7"):
-        VanillaBlock(config, layer_index=0)
-    assert 0.0 <= tat_slope(7) < 0.1  # 7 is the shallowest that works
-
-
-# ---- TReLU against quadrature --------------------------------------------------
-def test_trelu_cmap_by_quadrature_matches_closed_form_and_reaches_eta():
-    """E[phi(u) phi(v)] for unit Gaussians with correlation c, integrated by
-    Gauss-Hermite quadrature through the Keras layer, is the closed-form
-    C-map; composing it 2 * depth times from 0 gives eta = 0.9."""
-    depth = 12
-    slope = tat_slope(depth)
-    layer = TReLU(slope)
-    nodes, weights = np.polynomial.hermite_e.hermegauss(80)
-    weights = weights / weights.sum()
-
-    def expectation(c):
-        u = nodes[:, None]
-        v = c * nodes[:, None] + math.sqrt(max(1 - c * c, 0.0)) * nodes[None, :]
-        phi_u = ops.convert_to_numpy(layer(np.broadcast_to(u, v.shape).astype("float32")))
-        phi_v = ops.convert_to_numpy(layer(v.astype("float32")))
-        return float(np.sum(weights[:, None] * weights[None, :] * phi_u * phi_v))
-
-    assert expectation(1.0) == pytest.approx(1.0, abs=2e-4)  # q is preserved
-
-    def closed_form(c):
-        return c + (1 - slope) ** 2 / (math.pi * (1 + slope**2)) * (
-            math.sqrt(1 - c * c) - c * math.acos(c))
-
-    for c in (0.0, 0.3, 0.7, 0.95):
-        assert expectation(c) == pytest.approx(closed_form(c), abs=2e-3)
-    c = 0.0
-    for _ in range(2 * depth):
-        c = expectation(c)
-    assert c == pytest.approx(0.9, abs=5e-3)
-
-
-# ---- E-SPA targets -------------------------------------------------------------
-def test_espa_targets_match_scipy_and_reproduce_sigma():
-    """d * softmax(B) row-wise is A_l from scipy's sqrtm, and the product
-    A_l ... A_1 has kernel Sigma_l (what E-SPA is designed for)."""
-    n, depth = 100, 12
-    targets = espa_target_attention(n, depth)
-    assert len(targets) == depth
-    product = np.eye(n)
-    index = np.arange(n)
-    for layer in (1, 2, 12):
-        d, bias = targets[layer - 1]
-        want = reference_attention(n, layer, depth)
-        got = d[:, None] * scipy.special.softmax(bias, axis=-1)
-        np.testing.assert_allclose(got, want, atol=1e-9)
-        # Each row is normalised by its own sum: log-sum-exp over keys is 0.
-        np.testing.assert_allclose(scipy.special.logsumexp(bias, axis=-1), 0.0, atol=1e-9)
-    for layer in range(1, depth + 1):
-        d, bias = targets[layer - 1]
-        product = (d[:, None] * scipy.special.softmax(bias, axis=-1)) @ product
-    sigma = np.exp(-0.005 * np.abs(index[:, None] - index[None, :]))
-    np.testing.assert_allclose(product @ product.T, sigma, atol=1e-6)
-
-
+# ---- vanilla block at initialisation ---------------------------------------------
 def test_initialisation_statistics(vanilla_vit):
     model = vanilla_vit
     kernel = ops.convert_to_numpy(model.get_layer("patch_embedding").kernel)
@@ -171,18 +63,6 @@ def test_attention_equals_target_at_init(vanilla_vit, rng):
         implied = out_cat @ np.linalg.pinv(values_cat)
         want = reference_attention(TOKENS, i + 1, DEPTH)
         assert np.abs(implied - want).max() < 1e-5, i
-
-
-def test_mixed_precision_attention_close_to_float32(rng):
-    x = rng.normal(size=(2, 16, 32)).astype("float32")
-    full = ESPAAttention(4, layer_index=3, depth=8, name="attention")
-    half = ESPAAttention(4, layer_index=3, depth=8, name="attention", dtype="mixed_bfloat16")
-    full.build(x.shape)
-    half.build(x.shape)
-    half.qkv.kernel.assign(full.qkv.kernel)
-    y_full = ops.convert_to_numpy(full(x))
-    y_half = ops.convert_to_numpy(ops.cast(half(x), "float32"))
-    assert np.abs(y_half - y_full).max() < 0.05 * np.abs(y_full).max()
 
 
 # ---- signal propagation of the whole encoder -------------------------------------
