@@ -5,7 +5,8 @@ gradient contracts two axes (batch and tokens) at once, which XLA lowers to a
 transpose fused with the elementwise work before it: a strided copy that
 takes a large share of a ViT training step on CPU and grows with depth
 (benchmarks/RESULTS.md, "JAX formulations A/B"). Flattening to (B*N, D)
-first makes every gradient a plain matmul (tests/test_model.py checks that a compiled training step has no other weight-gradient dot).
+first makes every gradient a plain matmul (tests/test_model.py checks that
+a compiled training step has no other weight-gradient dot).
 """
 
 import math
