@@ -1,9 +1,10 @@
 """What every importer shares: checked copying of foreign arrays into a ViT.
 
 Each source module (timm, big_vision, transformers) only says how its names
-and layouts map to ours; this module does the rest. An importer describes, for each variable of `ViTConfig.parameter_shapes()`,
-which source arrays make it, the shape each must have, and how to combine
-them into our layout (a `Source`). `gather_weights` then reads them, checks
+and layouts map to ours; this module does the rest. An importer describes,
+for each variable of `ViTConfig.parameter_shapes()`, which source arrays make
+it, the shape each must have, and how to combine them into our layout (a
+`Source`). `gather_weights` then reads them, checks
 every shape before any transpose or reshape (a reshape can hide a wrong head
 count), and refuses the checkpoint when a key is missing, a shape is wrong,
 or a source key is left over: a leftover means the checkpoint has a feature
@@ -126,8 +127,8 @@ def gather_weights(config, source, recipe, *, source_name, skip=(), ignored=None
         raise ValueError(
             f"The {source_name} weights do not fit the config (width {config.width}, "
             f"depth {config.depth}, mlp_dim {config.mlp_dim}, heads {config.num_heads}, "
-            f"block {config.block!r}, patch {config.patch_size}, image {config.image_size}, pooling "
-            f"{config.pooling!r}, class_token {config.class_token}):\n  "
+            f"block {config.block!r}, patch {config.patch_size}, image {config.image_size}, "
+            f"pooling {config.pooling!r}, class_token {config.class_token}):\n  "
             + "\n  ".join(errors) + (f"\n{hint}" if hint else ""))
     for key, reason in sorted(ignored.items()):
         if key in source:

@@ -117,7 +117,8 @@ def tower_npz(tmp_path_factory):
 
 def test_big_vision_subtree_to_checked_preset(tower_npz, tmp_path, capsys):
     source, reference = tower_npz
-    kind, diff = run_tool(capsys, "--from", "big_vision", source, "--image-size", 32, "--to", tmp_path / "preset")
+    kind, diff = run_tool(capsys, "--from", "big_vision", source, "--image-size", 32,
+                          "--to", tmp_path / "preset")
     assert kind == "logit" and diff <= TOL
     model = kvs.ViT.from_preset(str(tmp_path / "preset"))
     x = images(32)
