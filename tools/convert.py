@@ -1,8 +1,9 @@
 """Convert a timm, big_vision or transformers ViT into a keras_vitscale preset.
 
 SOURCE depends on --from:
-  timm          a timm model name (random weights, or timm's locally cached
-                pretrained ones with --pretrained; nothing is downloaded) or
+  timm          a timm model name (timm's random initialisation, or its locally
+                cached pretrained weights with --pretrained; nothing is
+                downloaded) or
                 a .pth/.safetensors state dict (--num-heads when the shapes
                 do not tell);
   big_vision    a .npz checkpoint, optionally "ckpt.npz:sub/tree" for one
@@ -24,8 +25,6 @@ Example:
 
 import argparse
 import importlib.util
-import json
-import os
 import sys
 
 # Options that only one or two source formats take.
@@ -87,128 +86,52 @@ def _image_size(text):
 
 
 def convert(args, overrides):
-    """(model, metadata, source classes or None, timm source or None)."""
+    """(model, metadata, timm source or None); says where the weights come from."""
     from keras_vitscale import convert as kvs_convert
-    from keras_vitscale.convert import timm as timm_convert
+    from keras_vitscale.convert import files
 
-    metadata = {"converted_from": f"{args.source_format}:{args.source}"}
+    what = f"{args.source_format}:{args.source}"
+    metadata = {"converted_from": what}
     if args.source_format == "timm":
-        source = timm_convert.load_source(args.source, pretrained=args.pretrained)
+        source = files.load_timm_source(args.source, pretrained=args.pretrained)
+        random = hasattr(source, "state_dict") and not args.pretrained
+        # A model name without --pretrained is timm's random initialisation.
+        print(f"Copying weights from {what}"
+              + (": random weights (pass --pretrained for the checkpoint)" if random else ":"))
         if args.num_heads is not None:
             overrides["num_heads"] = args.num_heads
-        model = timm_convert.from_timm(source, verbose=True, **overrides)
+        model = kvs_convert.from_timm(source, verbose=True, **overrides)
         metadata["source_weights"] = (
             "state-dict file" if not hasattr(source, "state_dict")
             else "timm pretrained" if args.pretrained else "random (not pretrained)")
-        return model, metadata, timm_convert.source_num_classes(source), source
+        return model, metadata, source
+    print(f"Copying weights from {what}:")
     if args.source_format == "big_vision":
         model = kvs_convert.from_big_vision(args.source, variant=args.variant, verbose=True,
                                             **overrides)
-        path, root = _npz_root(args.source)
-        return model, metadata, _npz_classes(path, root), None
+        return model, metadata, None
     model = kvs_convert.from_transformers(args.source, variant=args.variant,
                                           use_pooler=args.use_pooler, verbose=True,
                                           **overrides)
-    return model, metadata, _hf_classes(_hf_directory(args.source)), None
+    return model, metadata, None
 
 
-# ---- verification glue: each returns a difference or why it was skipped --------
-def _npz_root(source):
-    """(file, prefix of the ViT's arrays) as from_big_vision reads "file.npz[:tree]"."""
-    import numpy as np
-
-    path, tree = source, None
-    if not os.path.exists(path) and ":" in path:
-        path, tree = path.rsplit(":", 1)
-    if tree is not None:
-        return path, tree.strip("/") + "/"
-    with np.load(path) as npz:
-        names = set(npz.files)
-    # The roots from_big_vision tries, in its order; it has found one already.
-    return path, next(r for r in ("", "params/", "opt/target/")
-                      if r + "embedding/kernel" in names)
-
-
-def _npz_classes(path, root):
-    import numpy as np
-
-    with np.load(path) as npz:  # reads only the head member
-        key = root + "head/kernel"
-        return npz[key].shape[-1] if key in npz.files else 0
-
-
-def _hf_directory(source):
-    return source if os.path.isdir(source) else os.path.dirname(source) or "."
-
-
-def _hf_classes(directory):
-    """The classifier size save_pretrained recorded (0 for a ViTModel)."""
-    with open(os.path.join(directory, "config.json")) as f:
-        config = json.load(f)
-    if "ViTForImageClassification" not in config.get("architectures", []):
-        return 0
-    return len(config.get("id2label") or {}) or config.get("num_labels", 2)
-
-
-def verify_big_vision(args, model):
-    """Loads the npz into timm with timm's own reader and compares."""
-    from timm.models.vision_transformer import _load_weights
-
-    from keras_vitscale.convert import timm as timm_convert
-
-    try:
-        reference = timm_convert.to_timm(model.config)
-    except ValueError as error:
-        return f"skipped: {error}"
-    path, root = _npz_root(args.source)
-    _load_weights(reference, path, prefix=root)
-    return timm_convert.max_logit_difference(model, reference, batch_size=args.verify_batch)
-
-
-def verify_transformers(args, model):
-    """Loads the directory with transformers itself and compares."""
-    import torch
-    import transformers
-
-    from keras_vitscale.convert import timm as timm_convert
-
-    directory = _hf_directory(args.source)
-    if model.config.num_classes:
-        reference = transformers.ViTForImageClassification.from_pretrained(
-            directory, local_files_only=True)
-        pick = lambda out: out.logits  # noqa: E731
-    else:
-        reference = transformers.ViTModel.from_pretrained(
-            directory, local_files_only=True, add_pooling_layer=args.use_pooler)
-        pick = lambda out: (out.pooler_output if args.use_pooler  # noqa: E731
-                            else out.last_hidden_state[:, 0])
-
-    class Outputs(torch.nn.Module):  # the tensor max_logit_difference compares
-        def __init__(self):
-            super().__init__()
-            self.inner = reference
-
-        def forward(self, x):
-            return pick(self.inner(pixel_values=x))
-
-    return timm_convert.max_logit_difference(model, Outputs(), batch_size=args.verify_batch)
-
-
-def verify(args, model, source_classes, timm_source):
+def verify(args, model, timm_source):
     """The max |difference| vs the source framework, or a sentence saying why not."""
     framework = "timm" if args.source_format != "transformers" else "transformers"
     if importlib.util.find_spec(framework) is None:
         return f"skipped: {framework} is not installed"
-    if model.config.num_classes not in (0, source_classes):
-        return (f"skipped: the model has a fresh {model.config.num_classes}-class head "
-                f"(--num-classes) and the source a {source_classes}-class one")
-    if args.source_format == "timm":
-        from keras_vitscale.convert import timm as timm_convert
+    from keras_vitscale.convert import verify as check
 
-        return timm_convert.verify(model, timm_source, batch_size=args.verify_batch)
-    if args.source_format == "big_vision":
-        return verify_big_vision(args, model)
-    return verify_transformers(args, model)
+    try:
+        if args.source_format == "timm":
+            return check.verify_timm(model, timm_source, batch_size=args.verify_batch)
+        if args.source_format == "big_vision":
+            return check.verify_big_vision(model, args.source, batch_size=args.verify_batch)
+        return check.verify_transformers(model, args.source, use_pooler=args.use_pooler,
+                                         batch_size=args.verify_batch)
+    except ValueError as error:  # a fresh head, or no timm equivalent: nothing to compare
+        return f"skipped: {error}"
 
 
 def main(argv=None):
@@ -225,9 +148,8 @@ def main(argv=None):
         overrides["image_size"] = _image_size(args.image_size)
     if args.num_classes is not None:
         overrides["num_classes"] = args.num_classes
-    print(f"Copying weights from {args.source_format}:{args.source}:")
     try:
-        model, metadata, source_classes, timm_source = convert(args, overrides)
+        model, metadata, timm_source = convert(args, overrides)
     except (FileNotFoundError, ValueError) as error:
         # The converters' messages name the problem and the fix; no traceback.
         raise SystemExit(f"convert.py: cannot convert {args.source!r}: {error}") from error
@@ -238,7 +160,7 @@ def main(argv=None):
           f"image {c.image_size}, pooling {c.pooling!r}.")
 
     if not args.no_verify:
-        result = verify(args, model, source_classes, timm_source)
+        result = verify(args, model, timm_source)
         what = "feature" if c.num_classes == 0 else "logit"
         reference = {"timm": "timm", "big_vision": "timm's npz reader",
                      "transformers": "transformers"}[args.source_format]

@@ -1,5 +1,10 @@
 """Importers that turn checkpoints of other libraries into `kvs.ViT` models.
 
+One module per source holds its names and layouts (timm.py with
+timm_module.py for a live timm model, big_vision.py, transformers.py);
+common.py builds the model and copies the arrays with named shape checks,
+files.py reads checkpoint files, verify.py compares outputs with the source.
+
 Example:
 ```python
 import timm

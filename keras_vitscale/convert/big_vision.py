@@ -34,26 +34,19 @@ tower = convert.from_big_vision("siglip.npz:params/img", num_classes=0)
 ```
 """
 
-import logging
-import os
 import re
-import zipfile
 
 import numpy as np
 
-from keras_vitscale.config import ViTConfig, parse_variant
-from keras_vitscale.convert.common import Source, gather_weights, infer_grid
-
-logger = logging.getLogger("keras_vitscale")
+from keras_vitscale.config import ViTConfig
+from keras_vitscale.convert.common import (Source, build_model, gather_weights, infer_grid,
+                                           variant_fields)
+from keras_vitscale.convert.files import read_npz
 
 _POSEMB_KEYS = ("pos_embedding", "Transformer/pos_embedding",
                 "Transformer/posembed_input/pos_embedding")
-_ROOTS = ("params/", "opt/target/")  # where training checkpoints keep the model
 _SCANNED = "Transformer/encoderblock/"
 _PARAM = {"kernel": "kernel", "bias": "bias", "gamma": "scale", "beta": "bias"}
-# What `variant=` fixes; the rest (pooling, class token, head, image size)
-# is read from the checkpoint.
-_SHAPE_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "patch_size")
 
 
 def from_big_vision(path, variant=None, *, name="vit", dtype=None, verbose=False,
@@ -84,24 +77,12 @@ def from_big_vision(path, variant=None, *, name="vit", dtype=None, verbose=False
     model = from_big_vision("vit_b16.npz", variant="B/16", image_size=384)
     ```
     """
-    from keras_vitscale.convert.timm import assign_weights
-    from keras_vitscale.model import ViT
-
     params = load_npz(path)
     num_classes = overrides.pop("num_classes", None)
     config = config_from_params(params, variant, **overrides)
-    source_classes = config.num_classes
-    if num_classes is not None:
-        config = config.replace(num_classes=num_classes)
-    new_head = config.num_classes != source_classes
-    weights = convert_params(params, config, drop_head=new_head)
-    model = ViT(config=config, name=name, dtype=dtype)
-    assign_weights(model, weights, verbose=verbose)
-    if new_head:
-        logger.info("from_big_vision: dropped the %d-class head; %s", source_classes,
-                    f"a fresh {config.num_classes}-class head" if config.num_classes
-                    else "no head (features out)")
-    return model
+    return build_model(config, num_classes,
+                       lambda config, drop_head: convert_params(params, config, drop_head),
+                       source_name="from_big_vision", name=name, dtype=dtype, verbose=verbose)
 
 
 # ---- reading ---------------------------------------------------------------
@@ -112,67 +93,17 @@ def load_npz(path):
         path: "file.npz" or "file.npz:sub/tree" (big_vision's syntax).
 
     Returns:
-        Flat names relative to the model root ("embedding/kernel", ...);
-        scanned encoder blocks are split into "encoderblock_{i}" views.
+        Flat names relative to the model root ("embedding/kernel", ...), in
+        the per-layer layout: scanned encoder blocks are split into
+        "encoderblock_{i}" views and an inlined MAP head is moved under
+        "MAPHead_0/".
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: a truncated or corrupt file, or no ViT parameters at
             the chosen root (the message lists the roots that exist).
     """
-    path = str(path)
-    subtree = None
-    if not os.path.exists(path) and ":" in path:
-        path, subtree = path.rsplit(":", 1)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No .npz checkpoint at {path!r}.")
-    try:
-        # allow_pickle=False: an .npz of object arrays would run code on load.
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded:
-                # Read every member now: a damaged one fails here, not mid-copy.
-                arrays = {key: loaded[key] for key in loaded.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
-        raise ValueError(
-            f"Cannot read {path!r} as an .npz checkpoint ({type(error).__name__}: "
-            f"{error}). The file is truncated or corrupt (an interrupted download or "
-            "copy?); fetch or save it again and compare its size with the source."
-        ) from error
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path!r} holds one {loaded.dtype} array of shape {loaded.shape} "
-                         "(np.save), not named parameters; save the checkpoint with "
-                         "np.savez(path, **{name: array}) as big_vision does.")
-    root = _find_root(arrays, subtree, path)
-    params = {k[len(root):]: v for k, v in arrays.items() if k.startswith(root)}
-    if len(params) < len(arrays):
-        logger.info("from_big_vision: reading %d arrays under %r, leaving %d others "
-                    "(optimizer state, other towers)", len(params), root or "/",
-                    len(arrays) - len(params))
-    return _fix_layout(params)
-
-
-def _find_root(arrays, subtree, path):
-    if subtree is not None:
-        root = subtree.strip("/") + "/"
-        if root + "embedding/kernel" not in arrays:
-            raise ValueError(
-                f"{path!r} has no ViT under {subtree!r} (no {root}embedding/kernel); "
-                f"ViT roots in the file: {_roots_in(arrays) or 'none'}.")
-        return root
-    for root in ("",) + _ROOTS:
-        if root + "embedding/kernel" in arrays:
-            return root
-    raise ValueError(
-        f"{path!r} is not a big_vision ViT checkpoint: no 'embedding/kernel' at its "
-        f"root{' or under ' + ', '.join(_ROOTS)} (first keys: {sorted(arrays)[:5]}). "
-        + (f"Choose a tower with '{path}:<root>', one of {_roots_in(arrays)}."
-           if _roots_in(arrays) else ""))
-
-
-def _roots_in(arrays):
-    return sorted(k[:-len("embedding/kernel")].rstrip("/") for k in arrays
-                  if k.endswith("/embedding/kernel"))
+    return _fix_layout(read_npz(path).arrays)
 
 
 def _fix_layout(params):
@@ -249,10 +180,7 @@ def config_from_params(params, variant=None, **overrides):
         # flax's nn.gelu and nn.LayerNorm defaults, which big_vision uses.
         gelu="tanh", layer_norm_epsilon=1e-6, norm_position="before_pool")
     if variant is not None:
-        reference = ViTConfig.from_variant(variant)
-        fields.update({f: getattr(reference, f) for f in _SHAPE_FIELDS
-                       if f != "patch_size" or parse_variant(variant)[1] is not None})
-        fields["variant"] = str(variant)
+        fields.update(variant_fields(variant))
     key = _posemb_key(params)
     image_size = overrides.get("image_size")
     if key is not None:

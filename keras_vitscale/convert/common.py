@@ -1,12 +1,21 @@
 """What every importer shares: checked copying of foreign arrays into a ViT.
 
-An importer describes, for each variable of `ViTConfig.parameter_shapes()`,
-which source arrays make it, the shape each must have, and how to combine
-them into our layout (a `Source`). `gather_weights` then reads them, checks
+Each source module (timm, big_vision, transformers) only says how its names
+and layouts map to ours; this module does the rest. An importer describes,
+for each variable of `ViTConfig.parameter_shapes()`, which source arrays make
+it, the shape each must have, and how to combine them into our layout (a
+`Source`). `gather_weights` then reads them, checks
 every shape before any transpose or reshape (a reshape can hide a wrong head
 count), and refuses the checkpoint when a key is missing, a shape is wrong,
 or a source key is left over: a leftover means the checkpoint has a feature
 the config cannot express, so dropping it quietly would change the outputs.
+
+`build_model` then builds the `kvs.ViT`, keeps or replaces the source's
+head, and `assign_weights` copies the arrays in by variable path.
+
+Sources are read only through the `Mapping` interface (`in`, `[key]`,
+`.shape`, iteration over keys), so a mapping that reads one tensor of a file
+per lookup (see `convert/files.py`) works as well as a dict.
 
 Example:
 ```python
@@ -21,6 +30,8 @@ import math
 
 import numpy as np
 
+from keras_vitscale.config import ViTConfig, parse_variant
+
 logger = logging.getLogger("keras_vitscale")
 
 Source = collections.namedtuple("Source", ["keys", "shapes", "combine"])
@@ -31,6 +42,10 @@ Args:
     shapes: the shape each source array must have for the target config.
     combine: `combine(*arrays)` -> the float32 array in our layout.
 """
+
+
+# What `variant=` fixes in a converter.
+_SHAPE_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "patch_size")
 
 
 def as_float32(value):
@@ -112,13 +127,115 @@ def gather_weights(config, source, recipe, *, source_name, skip=(), ignored=None
         raise ValueError(
             f"The {source_name} weights do not fit the config (width {config.width}, "
             f"depth {config.depth}, mlp_dim {config.mlp_dim}, heads {config.num_heads}, "
-            f"patch {config.patch_size}, image {config.image_size}, pooling "
-            f"{config.pooling!r}, class_token {config.class_token}):\n  "
+            f"block {config.block!r}, patch {config.patch_size}, image {config.image_size}, "
+            f"pooling {config.pooling!r}, class_token {config.class_token}):\n  "
             + "\n  ".join(errors) + (f"\n{hint}" if hint else ""))
     for key, reason in sorted(ignored.items()):
         if key in source:
             logger.info("%s: left out %s (%s)", source_name, key, reason)
     return weights
+
+
+def build_model(config, num_classes, weights_for, *, source_name, name="vit", dtype=None,
+                verbose=False):
+    """The `kvs.ViT` of `config` holding the converted weights.
+
+    Args:
+        config: the `ViTConfig` read from the source (its head included).
+        num_classes: None keeps the source's head; 0 drops it (features
+            out); another count gets a fresh head of that size.
+        weights_for: `weights_for(config, drop_head)` -> `{path: array}`,
+            the source's `gather_weights` call.
+        source_name: the converter, for the log ("from_timm", ...).
+        name, dtype, verbose: as `from_timm` and its siblings take them.
+
+    Example:
+    ```python
+    model = build_model(config, None, lambda c, drop: convert_params(params, c, drop),
+                        source_name="from_big_vision")
+    ```
+    """
+    from keras_vitscale.model import ViT
+
+    source_classes = config.num_classes
+    if num_classes is not None:
+        config = config.replace(num_classes=num_classes)
+    new_head = config.num_classes != source_classes
+    weights = weights_for(config, new_head)
+    model = ViT(config=config, name=name, dtype=dtype)
+    assign_weights(model, weights, verbose=verbose)
+    if new_head:
+        logger.info("%s: dropped the source's %d-class head; %s", source_name, source_classes,
+                    f"a fresh {config.num_classes}-class head" if config.num_classes
+                    else "no head (features out)")
+    return model
+
+
+def assign_weights(model, weights, verbose=False):
+    """Assigns `{variable path: array}` to `model`; the head may be absent (kept fresh).
+
+    Every other variable named by `model.config.parameter_shapes()` must be
+    in `weights`, so nothing keeps its random initial value by accident.
+
+    Args:
+        model: a `kvs.ViT`.
+        weights: `{variable.path: numpy array}` in our layout.
+        verbose: show a progress bar.
+
+    Raises:
+        ValueError: an array whose shape differs from its variable's (named).
+        RuntimeError: the model and its config disagree, or a converter
+            left a variable out.
+
+    Example:
+    ```python
+    assign_weights(model, gather_weights(model.config, source, recipe, source_name="x"))
+    ```
+    """
+    import keras
+
+    variables = {v.path: v for v in model.weights}
+    expected = model.config.parameter_shapes()
+    if set(variables) != set(expected):
+        raise RuntimeError(
+            "kvs.ViT's variables differ from ViTConfig.parameter_shapes(): only in the "
+            f"model {sorted(set(variables) - set(expected))[:5]}, only in the config "
+            f"{sorted(set(expected) - set(variables))[:5]}; fix config.py or model.py.")
+    unfilled = [p for p in expected if p not in weights and not p.startswith("head/")]
+    if unfilled:
+        raise RuntimeError(f"No weights for {unfilled[:5]}; the converter skipped them.")
+    problems = [f"{path} {tuple(array.shape)}, the variable is "
+                f"{tuple(variables[path].shape)}" if path in variables
+                else f"{path} (the model has no such variable)"
+                for path, array in weights.items()
+                if path not in variables or tuple(array.shape) != tuple(variables[path].shape)]
+    if problems:
+        raise ValueError(f"{len(problems)} converted weight(s) do not fit the model: "
+                         f"{_listed(problems, 5)}; convert with the model's own config.")
+    bar = keras.utils.Progbar(len(weights), unit_name="weight") if verbose else None
+    for i, (path, array) in enumerate(weights.items()):
+        variables[path].assign(array)
+        if bar is not None:
+            bar.update(i + 1)
+
+
+def variant_fields(variant):
+    """The `ViTConfig` shape fields a `variant=` argument fixes, as a dict.
+
+    Width, depth, MLP width and heads always; the patch size only when the
+    variant names one ("B/16", not "B"). Everything else (pooling, class
+    token, head, image size) stays what the checkpoint says.
+
+    Example:
+    ```python
+    variant_fields("B/16")   # {'width': 768, ..., 'patch_size': (16, 16), 'variant': 'B/16'}
+    ```
+    """
+    reference = ViTConfig.from_variant(variant)
+    fields = {f: getattr(reference, f) for f in _SHAPE_FIELDS
+              if f != "patch_size" or parse_variant(variant)[1] is not None}
+    fields["variant"] = str(variant)
+    return fields
 
 
 def infer_grid(length, has_cls, patch, image_size=None, key="position embedding"):

@@ -17,11 +17,9 @@ MLP bias is either part of `in_proj.bias` (qkv_bias=True) or the separate
 `attn_out_proj` + `mlp_out_proj` (fuse_out_proj=False), whose kernels stack
 into our fused one and whose biases add up.
 
-OpenCLIP-style towers (timm's `vit_giant_patch14_clip_224`, `..._clip_*`)
-use pre_norm=True: a LayerNorm on the embedded tokens before the first
-block and a bias-free patch convolution. ViTConfig has no such LayerNorm,
-so they are refused with an error naming pre_norm rather than converted
-approximately.
+Reading a live module's settings, and building a timm module for a config,
+is in `timm_module.py`; reading checkpoint files and timm's cache is in
+`files.py`.
 
 Example:
 ```python
@@ -36,13 +34,13 @@ model = convert.from_timm(state_dict, num_heads=4, image_size=(64, 96))
 
 import collections.abc
 import logging
-import os
 import re
 
 import numpy as np
 
 from keras_vitscale.config import VARIANTS, ViTConfig
-from keras_vitscale.convert.common import Source, as_float32, infer_grid
+from keras_vitscale.convert.common import Source, build_model, gather_weights, infer_grid
+from keras_vitscale.convert.timm_module import config_from_module, unsupported_message
 
 logger = logging.getLogger("keras_vitscale")
 
@@ -95,8 +93,6 @@ UNSUPPORTED_KEYS = (
 # at inference: no warning when they differ from the timm module.
 _INFERENCE_NEUTRAL = {"dropout_rate", "remat", "head_zero_init", "head_bias_init", "variant"}
 
-_POOLINGS = {"token": "tok", "avg": "gap", "map": "map", "": "none"}
-
 
 def from_timm(source, *, verbose=False, name="vit", dtype=None, **overrides):
     """Builds the `kvs.ViT` matching a timm VisionTransformer and copies its weights.
@@ -125,8 +121,6 @@ def from_timm(source, *, verbose=False, name="vit", dtype=None, **overrides):
     features = from_timm(timm_model, num_classes=0)   # pre-logits features
     ```
     """
-    from keras_vitscale.model import ViT
-
     num_classes = overrides.pop("num_classes", None)
     if _is_torch_module(source):
         config = config_from_module(source)
@@ -140,19 +134,10 @@ def from_timm(source, *, verbose=False, name="vit", dtype=None, **overrides):
         raise TypeError(
             f"from_timm takes a timm VisionTransformer or its state dict; got "
             f"{type(source).__name__}. Load a checkpoint file with "
-            "keras_vitscale.convert.timm.load_state_dict(path) first.")
-    source_classes = config.num_classes
-    if num_classes is not None:
-        config = config.replace(num_classes=num_classes)
-    new_head = config.num_classes != source_classes
-    weights = convert_state_dict(state_dict, config, drop_head=new_head)
-    model = ViT(config=config, name=name, dtype=dtype)
-    assign_weights(model, weights, verbose=verbose)
-    if new_head:
-        logger.info("from_timm: dropped timm's %d-class head; %s", source_classes,
-                    "no head (features out)" if not config.num_classes
-                    else f"a fresh {config.num_classes}-class head")
-    return model
+            "keras_vitscale.convert.files.load_state_dict(path) first.")
+    return build_model(config, num_classes,
+                       lambda config, drop_head: convert_state_dict(state_dict, config, drop_head),
+                       source_name="from_timm", name=name, dtype=dtype, verbose=verbose)
 
 
 def _is_torch_module(obj):
@@ -174,209 +159,7 @@ def _warn_on_conflicts(config, overrides):
                                key, value, read[key])
 
 
-# ---- settings ------------------------------------------------------------
-def config_from_module(module):
-    """Reads a `ViTConfig` from a timm VisionTransformer module.
-
-    Raises:
-        ValueError: listing every option the module uses that `ViTConfig`
-            cannot express (LayerScale, register tokens, pre-norm, ...).
-    """
-    import torch.nn as nn
-    from timm.layers import AttentionPoolLatent, Mlp, PatchEmbed
-    from timm.models.vision_transformer import VisionTransformer
-
-    m = module
-    if not isinstance(m, VisionTransformer):
-        raise TypeError(
-            f"from_timm converts timm.models.VisionTransformer; got "
-            f"{type(m).__module__}.{type(m).__name__}.")
-    problems = []
-
-    def need(ok, option):
-        if not ok:
-            problems.append(option)
-
-    has_cls = m.cls_token is not None
-    need(m.reg_token is None, f"register tokens (reg_tokens={m.num_reg_tokens})")
-    need(m.num_prefix_tokens == int(has_cls) + m.num_reg_tokens,
-         "extra prefix tokens (e.g. DeiT's distillation token)")
-    need(not m.dynamic_img_size, "dynamic_img_size=True")
-    need(isinstance(m.norm_pre, nn.Identity),
-         "pre_norm=True (norm_pre: a LayerNorm on the embedded tokens before the first "
-         "block, as in OpenCLIP towers such as vit_giant_patch14_clip_224; ViTConfig has "
-         "no such norm)")
-    pe = m.patch_embed
-    need(type(pe) is PatchEmbed and isinstance(pe.norm, nn.Identity)
-         and pe.proj.bias is not None and not pe.dynamic_img_pad
-         and pe.img_size is not None,
-         "a patch embedding other than timm's PatchEmbed with a biased convolution "
-         "(embed_layer, embed_norm_layer, pre_norm, dynamic_img_pad or img_size=None)")
-    need(m.global_pool in _POOLINGS, f"global_pool={m.global_pool!r} (use one of "
-         f"{sorted(_POOLINGS)})")
-    need(not (m.pool_include_prefix and m.num_prefix_tokens),
-         "pool_include_prefix=True with a class token")
-    need(not (has_cls and m.global_pool == "map"),
-         "class_token=True with global_pool='map' (timm's pool skips the class "
-         "token; the MAP head attends over every token)")
-    need(not (isinstance(m.norm, nn.Identity) and isinstance(m.fc_norm, nn.Identity)),
-         "final_norm=False (ViTConfig always has a final LayerNorm)")
-    need(isinstance(m.head, nn.Identity)
-         or (isinstance(m.head, nn.Linear) and m.head.bias is not None),
-         f"head {type(m.head).__name__} (only nn.Linear with bias, or none)")
-
-    blocks = list(m.blocks)
-    read = _parallel_blocks if _is_parallel(blocks[0]) else _sequential_blocks
-    fields, norms, acts = read(blocks, m.embed_dim, need)
-    block_bias = {n.bias is not None for n in norms}
-    norms.append(m.fc_norm if isinstance(m.norm, nn.Identity) else m.norm)
-
-    pool = m.attn_pool
-    if m.global_pool == "map":
-        need(type(pool) is AttentionPoolLatent and pool.latent_len == 1
-             and pool.pos_embed is None and isinstance(pool.q, nn.Linear)
-             and isinstance(pool.q_norm, nn.Identity) and pool.pool == "token"
-             and pool.mlp is not None and type(pool.mlp) is Mlp
-             and pool.latent_dim == m.embed_dim and pool.num_heads == fields["num_heads"]
-             and pool.q.bias is not None and pool.kv.bias is not None
-             and pool.mlp.fc1.out_features == fields["mlp_dim"],
-             "an attention pool other than AttentionPoolLatent(latent_len=1, q_proj, "
-             "qkv_bias, no qk_norm or pos_embed, the blocks' heads and MLP width)")
-        if type(pool) is AttentionPoolLatent and pool.mlp is not None:
-            norms.append(pool.norm)
-            acts.append(pool.mlp.act)
-    if problems:
-        raise ValueError(_unsupported_message(problems))
-
-    flavours = {_gelu_flavour(a) for a in acts}
-    eps = {getattr(n, "eps", None) for n in norms}
-    layer_norms = all(isinstance(n, nn.LayerNorm) and n.elementwise_affine for n in norms)
-    need(len(flavours) == 1 and None not in flavours,
-         f"activation {sorted({type(a).__name__ for a in acts})} (only exact or tanh GELU)")
-    need(layer_norms, "a norm other than an affine nn.LayerNorm (e.g. RmsNorm)")
-    need(len(eps) == 1, f"LayerNorms with different epsilons {sorted(eps)}")
-    need(len(block_bias) == 1, "LayerNorms with and without bias in one model")
-    need(block_bias != {False} or m.global_pool != "map",
-         "bias-free LayerNorms with global_pool='map' (the MAP head's norm has a bias)")
-    if problems:
-        raise ValueError(_unsupported_message(problems))
-
-    pooling = _POOLINGS[m.global_pool]
-    posemb = "learn" if m.pos_embed is not None else "none"
-    return ViTConfig(
-        **fields, width=m.embed_dim, depth=len(blocks), patch_size=tuple(pe.patch_size),
-        image_size=tuple(pe.img_size),
-        num_classes=m.head.out_features if isinstance(m.head, nn.Linear) else 0,
-        in_channels=pe.proj.in_channels, pooling=pooling, class_token=has_cls,
-        posemb=posemb,
-        posemb_covers_class_token=has_cls and posemb == "learn" and not m.no_embed_class,
-        norm_bias=block_bias.pop(),
-        layer_norm_epsilon=float(eps.pop()), gelu=flavours.pop(),
-        norm_position="before_pool" if not isinstance(m.norm, nn.Identity) else "after_pool")
-
-
-def _is_parallel(block):
-    from timm.models.vision_transformer import ParallelScalingBlock
-
-    return isinstance(block, ParallelScalingBlock)
-
-
-def _sequential_blocks(blocks, width, need):
-    """(config fields, norms, activations) of timm pre-norm `Block`s."""
-    import torch.nn as nn
-    from timm.layers import Attention, Mlp
-    from timm.models.vision_transformer import Block
-
-    attn0, mlp0 = blocks[0].attn, blocks[0].mlp
-    norms, acts = [], []
-    for i, blk in enumerate(blocks):
-        where = f"blocks.{i}"
-        if type(blk) is not Block:
-            need(False, f"{where} is {type(blk).__name__}, not timm's pre-norm Block like "
-                        "blocks.0")
-            continue
-        need(isinstance(blk.ls1, nn.Identity) and isinstance(blk.ls2, nn.Identity),
-             f"LayerScale (init_values=..., {where}.ls1/ls2)")
-        attn, mlp = blk.attn, blk.mlp
-        need(type(attn) is Attention and isinstance(attn.norm, nn.Identity)
-             and getattr(attn, "gate", None) is None
-             and attn.head_dim * attn.num_heads == width
-             and attn.num_heads == attn0.num_heads,
-             f"{where}.attn is not plain timm Attention (scale_attn_norm, gated, "
-             "attn_head_dim or attn_layer)")
-        need(type(mlp) is Mlp and isinstance(mlp.norm, nn.Identity)
-             and mlp.fc1.out_features == mlp0.fc1.out_features
-             and (mlp.fc1.bias is None) == (mlp.fc2.bias is None),
-             f"{where}.mlp is not timm's plain Mlp (mlp_layer or scale_mlp_norm)")
-        norms += [blk.norm1, blk.norm2]
-        if not isinstance(getattr(attn, "q_norm", None), nn.Identity):
-            norms += [attn.q_norm, attn.k_norm]
-        acts.append(getattr(mlp, "act", None))
-    fields = dict(
-        block="sequential", mlp_dim=mlp0.fc1.out_features, num_heads=attn0.num_heads,
-        qk_norm=not isinstance(attn0.q_norm, nn.Identity),
-        qkv_bias=attn0.qkv.bias is not None, attn_out_bias=attn0.proj.bias is not None,
-        mlp_bias=mlp0.fc1.bias is not None)
-    return fields, norms, acts
-
-
-def _parallel_blocks(blocks, width, need):
-    """(config fields, norms, activations) of timm `ParallelScalingBlock`s.
-
-    timm's block always has an MLP bias (in `in_proj.bias` or `mlp_bias`),
-    so ours has one too; timm's qkv_bias and proj_bias map to ours.
-    """
-    import torch.nn as nn
-    from timm.models.vision_transformer import ParallelScalingBlock
-
-    def layout(blk):  # what must agree across blocks for one config to hold them
-        fused = getattr(blk, "out_proj", None) is not None
-        out = blk.out_proj if fused else blk.attn_out_proj
-        return (blk.num_heads, blk.in_proj.out_features, blk.in_proj.bias is not None,
-                out.bias is not None, fused, isinstance(blk.q_norm, nn.Identity))
-
-    b0 = blocks[0]
-    norms, acts = [], []
-    for i, blk in enumerate(blocks):
-        where = f"blocks.{i}"
-        if type(blk) is not ParallelScalingBlock:
-            need(False, f"{where} is {type(blk).__name__}, not timm's ParallelScalingBlock "
-                        "like blocks.0")
-            continue
-        need(isinstance(blk.ls, nn.Identity), f"LayerScale (init_values=..., {where}.ls)")
-        need(blk.num_heads * blk.head_dim == width and layout(blk) == layout(b0),
-             f"{where} differs from blocks.0 in heads, MLP width, biases, qk_norm or "
-             "fuse_out_proj")
-        norms.append(blk.in_norm)
-        if not isinstance(blk.q_norm, nn.Identity):
-            norms += [blk.q_norm, blk.k_norm]
-        acts.append(blk.mlp_act)
-    _, in_features, qkv_bias, out_bias, _, no_qk_norm = layout(b0)
-    fields = dict(
-        block="parallel", mlp_dim=in_features - 3 * width, num_heads=b0.num_heads,
-        qk_norm=not no_qk_norm, qkv_bias=qkv_bias, attn_out_bias=out_bias, mlp_bias=True)
-    return fields, norms, acts
-
-
-def _gelu_flavour(act):
-    import torch.nn as nn
-
-    if isinstance(act, nn.GELU):
-        return "tanh" if act.approximate == "tanh" else "exact"
-    # timm's own activation classes (timm.layers.activations).
-    if type(act).__module__.startswith("timm."):
-        return {"GELU": "exact", "GELUTanh": "tanh"}.get(type(act).__name__)
-    return None
-
-
-def _unsupported_message(problems):
-    listed = "\n  - ".join(problems)
-    return (f"The timm model uses option(s) that ViTConfig cannot express:\n  - {listed}\n"
-            "Convert a plain timm VisionTransformer (pre-norm Block or "
-            "ParallelScalingBlock, LayerNorm, GELU, token/avg/map/'' pooling) or extend "
-            "ViTConfig first.")
-
-
+# ---- settings from a state dict ------------------------------------------------
 def config_from_state_dict(state_dict, **overrides):
     """Infers a `ViTConfig` from the key names and shapes of a timm state dict.
 
@@ -405,7 +188,7 @@ def config_from_state_dict(state_dict, **overrides):
             f"'patch_embed.proj.weight' (first keys: {sorted(shapes)[:5]}). Strip any "
             "prefix such as 'module.' or 'model.' from the keys first.")
     if problems:
-        raise ValueError(_unsupported_message(problems))
+        raise ValueError(unsupported_message(problems))
 
     width, in_channels, ph, pw = shapes["patch_embed.proj.weight"]
     depth = 1 + max((int(k.split(".")[1]) for k in shapes if re.match(r"blocks\.\d+\.", k)),
@@ -544,7 +327,7 @@ def _parallel_source(block, layer, param, config, state_dict):
 
 
 def convert_state_dict(state_dict, config, drop_head=False):
-    """{variable path: numpy array} for every variable `config` builds.
+    """{variable path: float32 array} for every variable `config` builds.
 
     Args:
         state_dict: a timm VisionTransformer state dict.
@@ -553,270 +336,15 @@ def convert_state_dict(state_dict, config, drop_head=False):
             none); the model keeps its initial head.
 
     Raises:
-        ValueError: listing unused timm keys, missing ones and shape mismatches.
-
-    Its own loop rather than `common.gather_weights`: timm users look up the
-    timm key, so each mismatch leads with it ("blocks.1.mlp.fc1.weight
-    (100, 64) -> encoder_block_1/mlp/dense_1/kernel needs (64, 256)").
+        ValueError: listing unused timm keys, missing ones and shape
+            mismatches (each names the timm key, its shape and the shape
+            our variable needs it to have).
     """
-    consumed, weights, missing, mismatched = set(), {}, [], []
-    for path, shape in config.parameter_shapes().items():
-        if drop_head and path.startswith("head/"):
-            continue
-        spec = timm_source(path, tuple(shape), config, state_dict)
-        consumed.update(k for k in spec.keys if k in state_dict)
-        absent = [k for k in spec.keys if k not in state_dict]
-        if absent:
-            missing.append(f"{path} (timm {', '.join(absent)})")
-            continue
-        bad = [f"{k} {tuple(state_dict[k].shape)} -> {path} needs {tuple(shape)} "
-               f"({k} must be {tuple(want)})"
-               for k, want in zip(spec.keys, spec.shapes)
-               if tuple(state_dict[k].shape) != tuple(want)]
-        if bad:
-            mismatched += bad
-            continue
-        weights[path] = spec.combine(*(as_float32(state_dict[k]) for k in spec.keys))
-    if drop_head:
-        consumed |= {"head.weight", "head.bias"} & set(state_dict)
-    unused = sorted(set(state_dict) - consumed)
-    errors = []
-    if unused:
-        errors.append(f"{len(unused)} timm key(s) the model has no variable for: "
-                      f"{unused[:12]}{' ...' if len(unused) > 12 else ''}")
-    if missing:
-        errors.append(f"{len(missing)} variable(s) with no timm key: {missing[:12]}"
-                      f"{' ...' if len(missing) > 12 else ''}")
-    if mismatched:
-        errors.append(f"{len(mismatched)} shape mismatch(es), first: {mismatched[:5]}")
-    if errors:
-        raise ValueError(
-            "The timm weights do not fit the config "
-            f"(width {config.width}, depth {config.depth}, heads {config.num_heads}, "
-            f"block {config.block!r}, image {config.image_size}, pooling "
-            f"{config.pooling!r}, class_token {config.class_token}):\n  "
-            + "\n  ".join(errors) +
-            "\nCheck the overrides (num_heads, image_size, pooling, qk_norm) or convert "
-            "the timm module, whose settings are read directly.")
-    return weights
-
-
-def assign_weights(model, weights, verbose=False):
-    """Assigns `{path: array}` to `model`; the head may be absent (kept fresh).
-
-    Every other variable named by `model.config.parameter_shapes()` must be
-    in `weights`, so nothing keeps its random initial value by accident.
-    """
-    import keras
-
-    variables = {v.path: v for v in model.weights}
-    expected = model.config.parameter_shapes()
-    if set(variables) != set(expected):
-        raise RuntimeError(
-            "kvs.ViT's variables differ from ViTConfig.parameter_shapes(): only in the "
-            f"model {sorted(set(variables) - set(expected))[:5]}, only in the config "
-            f"{sorted(set(expected) - set(variables))[:5]}; fix config.py or model.py.")
-    unfilled = [p for p in expected if p not in weights and not p.startswith("head/")]
-    if unfilled:
-        raise RuntimeError(f"No weights for {unfilled[:5]}; the converter skipped them.")
-    bar = keras.utils.Progbar(len(weights), unit_name="weight") if verbose else None
-    for i, (path, array) in enumerate(weights.items()):
-        variables[path].assign(array)
-        if bar is not None:
-            bar.update(i + 1)
-
-
-# ---- files and verification -----------------------------------------------
-def load_state_dict(path):
-    """Reads a timm state dict from .safetensors or .pth/.pt/.bin.
-
-    .pth files are read with `torch.load(weights_only=True)`, which refuses
-    pickled code; a {"model": ...} or {"state_dict": ...} wrapper is unwrapped.
-    """
-    path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        return load_file(path)
-    import torch
-
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    # Training checkpoints nest the weights one or two levels down.
-    while isinstance(data, dict) and "patch_embed.proj.weight" not in data:
-        inner = [data[k] for k in ("state_dict", "model", "module")
-                 if isinstance(data.get(k), dict)]
-        if not inner:
-            break
-        data = inner[0]
-    if not isinstance(data, dict):
-        raise ValueError(f"{path!r} holds a {type(data).__name__}, not a state dict.")
-    return data
-
-
-def load_source(source, pretrained=False):
-    """A timm model name or a checkpoint path -> a timm module or a state dict.
-
-    Args:
-        source: a timm model name ("vit_small_patch16_224", with an optional
-            ".tag") or a path to a .pth/.pt/.bin/.safetensors state dict.
-        pretrained: load timm's pretrained weights for a model name, from the
-            local cache only; this never downloads.
-
-    With KERAS_BACKEND=tensorflow, import timm before Keras: timm loads
-    triton (through torchvision), which crashes after TensorFlow is loaded.
-
-    Example:
-    ```python
-    model = from_timm(load_source("vit_tiny_patch16_224"))   # random weights
-    model = from_timm(load_source("ckpt.safetensors"), num_heads=4)
-    ```
-    """
-    source = str(source)
-    if os.path.exists(source):
-        return load_state_dict(source)
-    if re.search(r"\.(pth|pt|bin|safetensors)$", source):
-        raise FileNotFoundError(f"No checkpoint file at {source!r}.")
-    import timm
-
-    if not timm.is_model(source.split(".")[0]):
-        raise ValueError(f"{source!r} is neither a file nor a timm model name; list the "
-                         "names with timm.list_models('vit_*').")
-    if not pretrained:
-        return timm.create_model(source, pretrained=False)
-    cached = _cached_weights(source)
-    if cached is None:
-        raise FileNotFoundError(
-            f"timm's pretrained weights for {source!r} are not in the local cache, and "
-            "this converter never downloads. Fetch them once with timm.create_model("
-            f"{source!r}, pretrained=True) where there is network, or pass a state-dict "
-            "file instead.")
-    # Point timm at the cached file so that its loader cannot reach the network.
-    return timm.create_model(source, pretrained=True, pretrained_cfg_overlay={"file": cached})
-
-
-def _cached_weights(name):
-    """Path of timm's cached pretrained weights for `name`, or None."""
-    import timm.models
-
-    cfg = timm.models.get_pretrained_cfg(name)
-    cfg = cfg.to_dict() if cfg is not None else {}
-    if cfg.get("hf_hub_id"):
-        from huggingface_hub import try_to_load_from_cache
-
-        repo = cfg["hf_hub_id"].split("@")[0]
-        names = [cfg.get("hf_hub_filename")] if cfg.get("hf_hub_filename") else [
-            "model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"]
-        for filename in names:
-            path = try_to_load_from_cache(repo, filename)
-            if isinstance(path, str):
-                return path
-    if cfg.get("url"):
-        import torch.hub
-
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(cfg["url"]))
-        if os.path.exists(path):
-            return path
-    return None
-
-
-def source_num_classes(source):
-    """Classes of a timm module's or state dict's head (0 without one)."""
-    if _is_torch_module(source):
-        return getattr(source, "num_classes", 0)
-    return int(source["head.weight"].shape[0]) if "head.weight" in source else 0
-
-
-def verify(model, source, batch_size=2, seed=0):
-    """max |output difference| between a converted model and its timm source.
-
-    Args:
-        model: the `kvs.ViT` from `from_timm(source)`; with `num_classes=0`
-            its features are compared with timm's pre-logits.
-        source: the timm module, or the state dict, which is then loaded
-            into a timm VisionTransformer of the model's config (`to_timm`).
-        batch_size, seed: the random images compared.
-    """
-    classes = source_num_classes(source)
-    if model.config.num_classes not in (0, classes):
-        raise ValueError(f"The model has a fresh {model.config.num_classes}-class head "
-                         f"and the source a {classes}-class one; nothing to compare.")
-    if not _is_torch_module(source):
-        import torch
-
-        module = to_timm(model.config.replace(num_classes=classes),
-                         fuse_out_proj="blocks.0.attn_out_proj.weight" not in source)
-        module.load_state_dict({k: torch.from_numpy(as_float32(v)) for k, v in source.items()},
-                               strict=True)
-        source = module
-    return max_logit_difference(model, source, batch_size=batch_size, seed=seed)
-
-
-def to_timm(config, fuse_out_proj=True):
-    """A timm VisionTransformer with the layout of `config` (random weights).
-
-    Used to check a converted state dict against timm itself; only configs
-    that timm's ViT can express are accepted.
-
-    Args:
-        config: a `ViTConfig`.
-        fuse_out_proj: for block="parallel", one `out_proj` (True) or timm's
-            separate `attn_out_proj` and `mlp_out_proj` (False).
-    """
-    import functools
-
-    import timm.layers
-    from timm.models.vision_transformer import Block, ParallelScalingBlock, VisionTransformer
-
-    c = config
-    pools = {v: k for k, v in _POOLINGS.items()}
-    # timm's Block has one bias switch for attention-out and MLP; its
-    # ParallelScalingBlock always has an MLP bias.
-    biases_ok = (c.attn_out_bias == c.mlp_bias if c.block == "sequential" else c.mlp_bias)
-    if c.block not in ("sequential", "parallel") or c.representation_size or not biases_ok \
-            or c.posemb == "sincos2d" or not c.norm_bias:
-        raise ValueError("timm's VisionTransformer cannot express this config (block "
-                         f"{c.block!r}, representation_size {c.representation_size}, "
-                         f"posemb {c.posemb!r}, attn_out_bias {c.attn_out_bias} and "
-                         f"mlp_bias {c.mlp_bias}, norm_bias {c.norm_bias}).")
-    block_fn = Block if c.block == "sequential" else functools.partial(
-        ParallelScalingBlock, fuse_out_proj=fuse_out_proj)
-    return VisionTransformer(block_fn=block_fn,
-        img_size=c.image_size, patch_size=c.patch_size, in_chans=c.in_channels,
-        num_classes=c.num_classes, global_pool=pools[c.pooling], embed_dim=c.width,
-        depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.mlp_dim / c.width,
-        qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, proj_bias=c.attn_out_bias,
-        class_token=c.class_token, no_embed_class=not c.posemb_covers_class_token,
-        pos_embed="learn" if c.posemb == "learn" else "none",
-        fc_norm=c.norm_position == "after_pool",
-        act_layer="gelu" if c.gelu == "exact" else "gelu_tanh",
-        norm_layer=functools.partial(timm.layers.LayerNorm, eps=c.layer_norm_epsilon),
-        weight_init="skip")
-
-
-def max_logit_difference(model, timm_model, batch_size=2, seed=0):
-    """max |model(x) - timm_model(x)| over random normal images, in float32.
-
-    A model converted with `num_classes=0` is compared with timm's pre-logits.
-
-    Args:
-        model: a converted `kvs.ViT`.
-        timm_model: the timm source (put in eval mode here).
-        batch_size: images compared.
-        seed: numpy seed of the images.
-    """
-    import keras
-    import torch
-
-    c = model.config
-    images = np.random.default_rng(seed).standard_normal(
-        (batch_size, *c.image_size, c.in_channels)).astype("float32")
-    timm_model.eval()
-    with torch.no_grad():
-        x = torch.from_numpy(images.transpose(0, 3, 1, 2))
-        if c.num_classes == 0 and getattr(timm_model, "num_classes", 0):  # head dropped
-            expected = timm_model.forward_head(timm_model.forward_features(x), pre_logits=True)
-        else:
-            expected = timm_model(x)
-        expected = expected.float().numpy()
-    got = keras.ops.convert_to_numpy(model(keras.ops.convert_to_tensor(images), training=False))
-    return float(np.max(np.abs(got.astype("float32") - expected)))
+    return gather_weights(
+        config, state_dict, lambda path, shape: timm_source(path, shape, config, state_dict),
+        source_name="timm", skip=("head/",) if drop_head else (),
+        # With num_classes=0 the config has no head for these keys to fill.
+        ignored={k: "the source's head, replaced" for k in ("head.weight", "head.bias")}
+        if drop_head else None,
+        hint="Check the overrides (num_heads, image_size, pooling, qk_norm) or convert the "
+             "timm module, whose settings are read directly.")

@@ -35,17 +35,13 @@ features = convert.from_transformers(vit_model, num_classes=0)      # class toke
 ```
 """
 
-import json
-import logging
-import os
 import re
 
 import numpy as np
 
-from keras_vitscale.config import ViTConfig, parse_variant
-from keras_vitscale.convert.common import Source, gather_weights
-
-logger = logging.getLogger("keras_vitscale")
+from keras_vitscale.config import ViTConfig
+from keras_vitscale.convert.common import Source, build_model, gather_weights, variant_fields
+from keras_vitscale.convert.files import read_transformers_directory
 
 # transformers 5's in-memory names -> the names its files use (and v4's).
 _V5_TO_FILE = (
@@ -60,7 +56,6 @@ _ACTIVATIONS = {"gelu": "exact", "gelu_python": "exact", "gelu_new": "tanh",
                 "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
 _ARCHITECTURES = ("ViTModel", "ViTForImageClassification")
 _PARAM = {"kernel": "weight", "gamma": "weight", "bias": "bias", "beta": "bias"}
-_SHAPE_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "patch_size")
 
 
 def from_transformers(source, variant=None, *, use_pooler=False, name="vit", dtype=None,
@@ -91,24 +86,13 @@ def from_transformers(source, variant=None, *, use_pooler=False, name="vit", dty
     model = from_transformers("vit-tiny-dir", num_classes=10)   # fresh 10-class head
     ```
     """
-    from keras_vitscale.convert.timm import assign_weights
-    from keras_vitscale.model import ViT
-
     hf_config, state = load_checkpoint(source)
     num_classes = overrides.pop("num_classes", None)
     config = config_from_hf(hf_config, state, variant, use_pooler=use_pooler, **overrides)
-    source_classes = config.num_classes
-    if num_classes is not None:
-        config = config.replace(num_classes=num_classes)
-    new_head = config.num_classes != source_classes
-    weights = convert_state(state, config, drop_head=new_head, use_pooler=use_pooler)
-    model = ViT(config=config, name=name, dtype=dtype)
-    assign_weights(model, weights, verbose=verbose)
-    if new_head:
-        logger.info("from_transformers: dropped the %d-class classifier; %s", source_classes,
-                    f"a fresh {config.num_classes}-class head" if config.num_classes
-                    else "no head (features out)")
-    return model
+    return build_model(
+        config, num_classes,
+        lambda config, drop_head: convert_state(state, config, drop_head, use_pooler),
+        source_name="from_transformers", name=name, dtype=dtype, verbose=verbose)
 
 
 # ---- reading ---------------------------------------------------------------
@@ -130,60 +114,8 @@ def load_checkpoint(source):
                             f"{kind}. Other ViT-like models (DeiT, BEiT, Dinov2) have "
                             "extra tokens or layers that ViTConfig does not express.")
         return source.config.to_dict(), _file_names(source.state_dict())
-    directory = str(source)
-    if os.path.isfile(directory):
-        directory = os.path.dirname(directory) or "."
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"No transformers checkpoint directory at {source!r}.")
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.exists(config_path):
-        raise ValueError(f"{directory!r} has no config.json; save the model with "
-                         "save_pretrained(directory), which writes it beside the weights.")
-    with open(config_path) as f:
-        hf_config = json.load(f)
-    files = _weight_files(directory)
-    state = {}
-    for path in files:
-        state.update(_read_safetensors(path))
+    hf_config, state = read_transformers_directory(source)
     return hf_config, _file_names(state)
-
-
-def _weight_files(directory):
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(directory, s) for s in shards]
-    single = os.path.join(directory, "model.safetensors")
-    if os.path.exists(single):
-        return [single]
-    pickled = [f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth"))]
-    raise ValueError(
-        f"{directory!r} has no model.safetensors (nor a sharded index)"
-        + (f", only pickled weights {pickled}, which this converter does not unpickle; "
-           "re-save them with model.save_pretrained(directory) (safetensors is the default)"
-           if pickled else "") + ".")
-
-
-def _read_safetensors(path):
-    try:
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-    except ImportError as error:
-        raise ImportError("Reading a transformers directory needs safetensors: "
-                          "pip install safetensors (or keras_vitscale[test]).") from error
-    try:
-        return load_file(path)
-    except SafetensorError as error:
-        raise ValueError(
-            f"Cannot read {path!r} as safetensors ({error}). The file is truncated or "
-            "corrupt (an interrupted download or copy?); fetch or save it again."
-        ) from error
-    except TypeError:
-        # numpy has no bfloat16: read those files through torch instead.
-        from safetensors.torch import load_file as load_torch
-
-        return load_torch(path)
 
 
 def _file_names(state):
@@ -240,10 +172,7 @@ def config_from_hf(hf_config, state, variant=None, use_pooler=False, **overrides
         num_classes=(state["classifier.weight"].shape[0]
                      if "classifier.weight" in state else 0))
     if variant is not None:
-        reference = ViTConfig.from_variant(variant)
-        fields.update({f: getattr(reference, f) for f in _SHAPE_FIELDS
-                       if f != "patch_size" or parse_variant(variant)[1] is not None})
-        fields["variant"] = str(variant)
+        fields.update(variant_fields(variant))
     fields.update(overrides)
     return ViTConfig(**fields)
 

@@ -1,10 +1,13 @@
-"""tools/convert.py end to end, in-process: big_vision, transformers, --push, errors.
+"""tools/convert.py end to end, in-process: timm, big_vision, transformers, --push, errors.
 
-The sources are the tiny random checkpoints of test_big_vision.py and
-test_transformers.py; the tool's printed difference is checked, and the
-written preset is judged again here against the source framework.
+The sources are the tiny random checkpoints of test_timm.py,
+test_big_vision.py and test_transformers.py; the tool's printed difference
+is checked, and the written preset is judged again here against the source
+framework.
 """
 
+import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -22,19 +25,30 @@ timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+pytestmark = pytest.mark.integration  # the tool's orchestration: once, on JAX
+
+ROOT = Path(__file__).resolve().parents[2]
 # The loopback Hub and its fixture live beside test_hub.py.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hub"))
 
 from timm.models.vision_transformer import _load_weights  # noqa: E402
 
 import keras_vitscale as kvs  # noqa: E402
+from keras_vitscale.convert import timm as timm_convert  # noqa: E402
 from test_big_vision import bv_params, save, theirs, timm_model  # noqa: E402
 from test_hub import server  # noqa: E402, F401  (pytest fixture: HF_ENDPOINT -> HubServer)
-from test_timm import load_tool, run  # noqa: E402
+from test_timm import CUSTOM, run, small_timm  # noqa: E402
 from test_transformers import TINY, classifier, randomize  # noqa: E402
 
 TOL = 1e-4  # float32, max |logit difference|
 DIFFERENCE = re.compile(r"max \|(logit|feature) difference\| vs [^:]+: (\S+)")
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("convert_tool", ROOT / "tools" / "convert.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
 
 
 def run_tool(capsys, *argv):
@@ -48,6 +62,45 @@ def run_tool(capsys, *argv):
 
 def images(size, batch=2):
     return np.random.default_rng(1).standard_normal((batch, size, size, 3)).astype("float32")
+
+
+def test_timm_state_dict_to_checked_preset(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    tool = load_tool()
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["--help"])
+    assert exit_info.value.code == 0 and "--pretrained" in capsys.readouterr().out
+
+    source = small_timm(**CUSTOM["map"][0])
+    checkpoint = tmp_path / "tiny_map.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(checkpoint))
+    tool.main(["--from", "timm", str(checkpoint), "--num-heads", "4",
+               "--to", str(tmp_path / "preset")])
+    out = capsys.readouterr().out
+    assert "random weights" not in out
+    diff = float(out.split("max |logit difference| vs timm: ")[1].split()[0])
+    assert diff <= TOL
+    model = kvs.ViT.from_preset(str(tmp_path / "preset"))
+    assert model.config.pooling == "map" and model.config.num_heads == 4
+    # The preset holds the timm weights (the tool checked the logits above).
+    expected = timm_convert.convert_state_dict(source.state_dict(), model.config)
+    for variable in model.weights:
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable),
+                                      expected[variable.path], err_msg=variable.path)
+
+
+def test_timm_name_without_pretrained_says_random_weights(tmp_path, capsys):
+    # A model name alone is timm's random initialisation, not a checkpoint:
+    # the tool says so where it copies, and the preset's metadata records it.
+    load_tool().main(["--from", "timm", "vit_tiny_patch16_224", "--verify-batch", "1",
+                      "--to", str(tmp_path / "p")])
+    out = capsys.readouterr().out
+    assert ("Copying weights from timm:vit_tiny_patch16_224: random weights (pass "
+            "--pretrained for the checkpoint)") in out
+    assert float(DIFFERENCE.search(out).group(2)) <= TOL
+    metadata = json.loads((tmp_path / "p" / "metadata.json").read_text())
+    assert "random" in json.dumps(metadata)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +117,8 @@ def tower_npz(tmp_path_factory):
 
 def test_big_vision_subtree_to_checked_preset(tower_npz, tmp_path, capsys):
     source, reference = tower_npz
-    kind, diff = run_tool(capsys, "--from", "big_vision", source, "--image-size", 32, "--to", tmp_path / "preset")
+    kind, diff = run_tool(capsys, "--from", "big_vision", source, "--image-size", 32,
+                          "--to", tmp_path / "preset")
     assert kind == "logit" and diff <= TOL
     model = kvs.ViT.from_preset(str(tmp_path / "preset"))
     x = images(32)

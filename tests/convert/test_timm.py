@@ -7,8 +7,6 @@ hide a wrong mapping.
 
 import copy
 import functools
-import importlib.util
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -22,8 +20,7 @@ timm = pytest.importorskip("timm")
 import keras_vitscale as kvs  # noqa: E402
 from keras_vitscale import convert  # noqa: E402
 from keras_vitscale.convert import timm as timm_convert  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
+from keras_vitscale.convert import timm_module, verify  # noqa: E402
 TOL = 1e-4  # float32, max |logit difference|
 
 
@@ -210,8 +207,9 @@ def test_unknown_and_mismatched_keys_are_listed(custom_timm):
         convert.from_timm(state)
     state = dict(custom_timm["qk_norm"].state_dict())
     state["blocks.1.mlp.fc1.weight"] = torch.zeros(100, 64)
-    with pytest.raises(ValueError, match=r"blocks.1.mlp.fc1.weight \(100, 64\) -> "
-                                         r"encoder_block_1/mlp/dense_1/kernel needs \(64, 256\)"):
+    # The mismatch names our variable, the timm key, its shape and the shape needed.
+    with pytest.raises(ValueError, match=r"encoder_block_1/mlp/dense_1/kernel: "
+                                         r"blocks.1.mlp.fc1.weight \(100, 64\), needs \(256, 64\)"):
         convert.from_timm(state)
 
 
@@ -222,39 +220,6 @@ def test_missing_settings_ask_for_them(custom_timm):
     with pytest.raises(ValueError, match=r"pos_embed length 31 is not a square grid.*"
                                          r"pass image_size="):
         convert.from_timm(custom_timm["non_square_tanh_eps_no_bias"].state_dict(), num_heads=4)
-
-
-# ---- the command-line tool ---------------------------------------------------------
-def load_tool():
-    spec = importlib.util.spec_from_file_location("convert_tool", ROOT / "tools" / "convert.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
-def test_convert_tool_writes_a_checked_preset(tmp_path, capsys, custom_timm):
-    from safetensors.torch import save_file
-
-    tool = load_tool()
-    with pytest.raises(SystemExit) as exit_info:
-        tool.main(["--help"])
-    assert exit_info.value.code == 0 and "--pretrained" in capsys.readouterr().out
-
-    source = custom_timm["map"]
-    checkpoint = tmp_path / "tiny_map.safetensors"
-    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(checkpoint))
-    tool.main(["--from", "timm", str(checkpoint), "--num-heads", "4",
-               "--to", str(tmp_path / "preset")])
-    out = capsys.readouterr().out
-    diff = float(out.split("max |logit difference| vs timm: ")[1].split()[0])
-    assert diff <= TOL
-    model = kvs.ViT.from_preset(str(tmp_path / "preset"))
-    assert model.config.pooling == "map" and model.config.num_heads == 4
-    # The preset holds the timm weights (the tool checked the logits above).
-    expected = timm_convert.convert_state_dict(source.state_dict(), model.config)
-    for variable in model.weights:
-        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable),
-                                      expected[variable.path], err_msg=variable.path)
 
 
 # ---- ParallelScalingBlock (ViT-22B style) and OpenCLIP towers -----------------------
@@ -294,9 +259,9 @@ def test_parallel_scaling_block_models_match_timm(name, parallel_models):
     state = source.state_dict()
     assert timm_convert.config_from_state_dict(state, num_heads=4) == c
     fused = kwargs.get("fuse_out_proj", True)
-    timm_convert.to_timm(c, fuse_out_proj=fused).load_state_dict(state, strict=True)
+    timm_module.to_timm(c, fuse_out_proj=fused).load_state_dict(state, strict=True)
     if not fused:  # verify() picks that layout itself (one forward pass is enough)
-        assert timm_convert.verify(model, state) <= TOL
+        assert verify.verify_timm(model, state) <= TOL
 
 
 def test_parallel_in_proj_order_matters(parallel_models):
