@@ -190,7 +190,7 @@ def test_builds_from_explicit_sizes_and_config():
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="inspects XLA's compiled HLO")
 @pytest.mark.parametrize("fields", [dict(), dict(block="parallel", qk_norm=True, pooling="map")])
 def test_training_step_has_only_rank2_weight_gradient_dots(fields):
-    # PERF-NOTES rule 1: a dot contracting two axes at once (batch and
+    # Why: a dot contracting two axes at once (batch and
     # tokens) becomes a slow transposing copy in XLA's backward pass.
     import re
 
