@@ -22,7 +22,10 @@ import re
 import tempfile
 from pathlib import Path
 
-from keras_vitscale import presets
+from keras_vitscale.presets.directory import (CONFIG_FILE, METADATA_FILE,
+                                              SHARDED_WEIGHTS_FILE, WEIGHTS_FILE,
+                                              read_config_file, read_directory_config)
+from keras_vitscale.presets.directory import resolve_directory as local_directory
 
 logger = logging.getLogger("keras_vitscale")
 
@@ -31,10 +34,9 @@ SAFETENSORS_FILE = "model.safetensors"
 SHARD_PATTERN = "model_*.weights.h5"  # how Keras names weight shards
 # The files a preset consists of; everything else in a repo is left alone on
 # download, and replaced or deleted on push so no stale weights survive.
-PRESET_PATTERNS = (presets.CONFIG_FILE, presets.METADATA_FILE, presets.WEIGHTS_FILE,
-                   presets.SHARDED_WEIGHTS_FILE, SHARD_PATTERN)
-WEIGHT_PATTERNS = (presets.WEIGHTS_FILE, presets.SHARDED_WEIGHTS_FILE, SHARD_PATTERN,
-                   SAFETENSORS_FILE)
+PRESET_PATTERNS = (CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE, SHARDED_WEIGHTS_FILE,
+                   SHARD_PATTERN)
+WEIGHT_PATTERNS = (WEIGHTS_FILE, SHARDED_WEIGHTS_FILE, SHARD_PATTERN, SAFETENSORS_FILE)
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _HANDLE = re.compile(rf"^hf://({_NAME}/{_NAME})(?:@(\S+))?$")
@@ -117,9 +119,9 @@ def download_preset(handle, token=None):
     common = dict(repo_id=repo_id, cache_dir=cache_dir, endpoint=endpoint, token=token,
                   local_files_only=offline)
     with _download_errors(handle, repo_id, revision, offline, cache_dir):
-        config_path = hf_hub_download(filename=presets.CONFIG_FILE, revision=revision,
+        config_path = hf_hub_download(filename=CONFIG_FILE, revision=revision,
                                       **common)
-    presets.read_config_file(config_path)  # raises on a bad or foreign config
+    read_config_file(config_path)  # raises on a bad or foreign config
     # The cache keeps each file under snapshots/<commit>/: pinning the rest of
     # the download to that commit keeps config and weights from one commit even
     # if the branch moves in between.
@@ -128,6 +130,24 @@ def download_preset(handle, token=None):
         directory = snapshot_download(revision=commit, allow_patterns=list(PRESET_PATTERNS),
                                       **common)
     return directory
+
+
+def resolve_directory(handle, token=None):
+    """A local preset directory for a handle: downloads "hf://" ones first.
+
+    Args:
+        handle: "hf://org/repo[@revision]" or a local preset directory.
+        token: a Hub token for private repos (Hub handles only).
+
+    Example:
+    ```python
+    resolve_directory("hf://my-org/vit-b16")   # the cached snapshot directory
+    resolve_directory("out/vit_mu8")           # Path('out/vit_mu8')
+    ```
+    """
+    if str(handle).startswith("hf://"):
+        return Path(download_preset(handle, token=token))
+    return local_directory(handle)
 
 
 class _download_errors:
@@ -174,7 +194,7 @@ class _download_errors:
                 "HF_TOKEN.") from err
         if isinstance(err, EntryNotFoundError):
             raise FileNotFoundError(
-                f"{repo} has no {presets.CONFIG_FILE}, so it is not a keras_vitscale "
+                f"{repo} has no {CONFIG_FILE}, so it is not a keras_vitscale "
                 "preset; publish one with kvs.hub.push_to_hub(model, repo_id).") from err
         if isinstance(err, HfHubHTTPError):
             raise OSError(f"Downloading {self.handle!r} from the Hugging Face Hub failed: "
@@ -185,32 +205,21 @@ class _download_errors:
 # ---- model card -------------------------------------------------------------
 def _read_workdir(workdir):
     """(training settings, {metric: (value, step)}) from a run's workdir."""
+    from keras_vitscale.training.run_log import METRICS_FILE, read_json, read_metrics
+
     workdir = Path(workdir)
-    config_path, metrics_path = workdir / "config.json", workdir / "metrics.jsonl"
+    config_path, metrics_path = workdir / "config.json", workdir / METRICS_FILE
     if not config_path.exists() and not metrics_path.exists():
         raise FileNotFoundError(
-            f"Workdir {str(workdir)!r} has neither config.json nor metrics.jsonl; pass "
+            f"Workdir {str(workdir)!r} has neither config.json nor {METRICS_FILE}; pass "
             "the directory a training run wrote, or workdir=None.")
-    settings = {}
-    if config_path.exists():
-        with open(config_path) as f:
-            settings = json.load(f)
+    settings = read_json(config_path) if config_path.exists() else {}
     results = {}
-    if metrics_path.exists():
-        with open(metrics_path) as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    # A run killed mid-write leaves a partial last line.
-                    logger.warning("Skipping unreadable line %d of %s.", number, metrics_path)
-                    continue
-                for key, value in row.items():
-                    if key != "step" and isinstance(value, (int, float)) \
-                            and not isinstance(value, bool):
-                        results[key] = (value, row.get("step"))
+    for row in read_metrics(metrics_path):  # later rows replace earlier values
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
+                results[key] = (value, row.get("step"))
     return settings, results
 
 
@@ -256,8 +265,8 @@ def model_card(config, repo_id, metadata=None, workdir=None, revision=None,
         f"A Vision Transformer (ViT {name}) for keras_vitscale (`pip install "
         "keras-vitscale`), Keras 3 on JAX, TensorFlow or PyTorch. The repo is a "
         "keras_vitscale preset: "
-        f"`{presets.CONFIG_FILE}`, the weights (`{presets.WEIGHTS_FILE}`, or "
-        f"`{presets.SHARDED_WEIGHTS_FILE}` plus shards) and `{presets.METADATA_FILE}`.",
+        f"`{CONFIG_FILE}`, the weights (`{WEIGHTS_FILE}`, or "
+        f"`{SHARDED_WEIGHTS_FILE}` plus shards) and `{METADATA_FILE}`.",
         "## Architecture",
         _table(("field", "value"), sorted(config.to_dict().items())),
         f"Parameters: {params:,}. Forward pass: {gflops:.3g} GFLOPs per image.",
@@ -293,13 +302,23 @@ def model_card(config, repo_id, metadata=None, workdir=None, revision=None,
 
 
 # ---- upload -----------------------------------------------------------------
-def _locate_preset(path):
-    """(preset directory, workdir or None) for a preset directory or a workdir."""
+def locate_preset(path):
+    """(preset directory, workdir or None) for a preset directory or a workdir.
+
+    Args:
+        path: a preset directory, or a training workdir holding exactly one
+            exported preset directory.
+
+    Example:
+    ```python
+    locate_preset("runs/digits")   # (Path('runs/digits/final'), Path('runs/digits'))
+    ```
+    """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{str(path)!r} is not a directory; pass a model, a preset "
                                 "directory or a training workdir.")
-    config = path / presets.CONFIG_FILE
+    config = path / CONFIG_FILE
     if config.exists():
         try:
             is_preset = "class_name" in json.loads(config.read_text())
@@ -310,8 +329,8 @@ def _locate_preset(path):
     # A training workdir: its config.json is the run's settings, and the
     # model is a preset directory exported inside it.
     found = sorted(d for d in path.iterdir()
-                   if d.is_dir() and (d / presets.CONFIG_FILE).exists()
-                   and (d / presets.METADATA_FILE).exists())
+                   if d.is_dir() and (d / CONFIG_FILE).exists()
+                   and (d / METADATA_FILE).exists())
     if len(found) != 1:
         raise FileNotFoundError(
             f"{str(path)!r} is neither a preset directory nor a workdir holding exactly "
@@ -339,7 +358,7 @@ def _write_safetensors(model, path):
 
 def push_to_hub(model_or_preset_dir, repo_id, private=False, revision=None,
                 commit_message=None, token=None, workdir=None, safetensors=False,
-                license="apache-2.0", max_shard_size_gb=None):
+                license="apache-2.0", max_shard_size_gb=None, model=None):
     """Publishes a model or preset directory to the Hub in one commit.
 
     Uploads config.json, the weights (sharded above `max_shard_size_gb`),
@@ -349,8 +368,9 @@ def push_to_hub(model_or_preset_dir, repo_id, private=False, revision=None,
     the same commit. The local preset directory is never modified.
 
     Args:
-        model_or_preset_dir: a `kvs.ViT`, a preset directory, or a training
-            workdir holding one exported preset directory.
+        model_or_preset_dir: a model (anything with `save_to_preset`, e.g. a
+            `kvs.ViT`), a preset directory, or a training workdir holding one
+            exported preset directory.
         repo_id: "org/repo"; created if missing.
         private: create the repo private (an existing repo keeps its setting).
         revision: a branch to commit to (created from main if missing);
@@ -360,9 +380,13 @@ def push_to_hub(model_or_preset_dir, repo_id, private=False, revision=None,
             login (`hf auth login`).
         workdir: a training run whose config.json and metrics.jsonl go into
             the model card.
-        safetensors: also upload model.safetensors.
+        safetensors: also upload model.safetensors. It is written from the
+            model's variables, so with a directory pass `model=` too.
         license: the licence id in the model card, e.g. "apache-2.0".
         max_shard_size_gb: shard the weights above this size (a model only).
+        model: with a directory and `safetensors=True`, the model loaded from
+            it (`kvs.ViT.from_preset(preset_dir)`); this module moves files
+            and builds no model.
 
     Returns:
         The commit (a `huggingface_hub.CommitInfo`, a str of its URL).
@@ -378,29 +402,33 @@ def push_to_hub(model_or_preset_dir, repo_id, private=False, revision=None,
     from huggingface_hub.utils import filter_repo_objects
 
     repo_id = _repo_id(repo_id)
+    is_model = hasattr(model_or_preset_dir, "save_to_preset")
+    if safetensors and model is None and not is_model:
+        raise ValueError(
+            f"safetensors=True with {str(model_or_preset_dir)!r} needs the model's "
+            "variables: pass model=kvs.ViT.from_preset(preset_dir) as well, or push the "
+            "model itself.")
     endpoint, _, _ = hub_settings()
     with tempfile.TemporaryDirectory(prefix="kvs-push-") as staging:
         staging = Path(staging)
-        model = None
-        if hasattr(model_or_preset_dir, "save_to_preset"):
+        if is_model:
             model, preset_dir = model_or_preset_dir, staging / "preset"
             model.save_to_preset(preset_dir, max_shard_size_gb=max_shard_size_gb)
         else:
-            preset_dir, found_workdir = _locate_preset(model_or_preset_dir)
+            preset_dir, found_workdir = locate_preset(model_or_preset_dir)
             workdir = workdir if workdir is not None else found_workdir
-        config = presets.read_directory_config(preset_dir)
-        metadata = json.loads((preset_dir / presets.METADATA_FILE).read_text())
+        config = read_directory_config(preset_dir)
+        metadata = json.loads((preset_dir / METADATA_FILE).read_text())
         files = {name: preset_dir / name for name in
                  filter_repo_objects([p.name for p in preset_dir.iterdir()],
                                      allow_patterns=list(PRESET_PATTERNS))}
-        if presets.SHARDED_WEIGHTS_FILE in files:
-            files.pop(presets.WEIGHTS_FILE, None)  # the loader would pick the shards
+        if SHARDED_WEIGHTS_FILE in files:
+            files.pop(WEIGHTS_FILE, None)  # the loader would pick the shards
         (staging / README_FILE).write_text(
             model_card(config, repo_id, metadata=metadata, workdir=workdir,
                        revision=revision, license=license))
         files[README_FILE] = staging / README_FILE
         if safetensors:
-            model = model if model is not None else _load_local(preset_dir)
             _write_safetensors(model, staging / SAFETENSORS_FILE)
             files[SAFETENSORS_FILE] = staging / SAFETENSORS_FILE
 
@@ -419,7 +447,7 @@ def push_to_hub(model_or_preset_dir, repo_id, private=False, revision=None,
                 repo_id, operations=operations, revision=revision,
                 commit_message=commit_message or "Upload keras_vitscale preset")
         except (HfHubHTTPError, OSError) as err:
-            source = ("the model" if model_or_preset_dir is model
+            source = ("the model" if is_model
                       else f"preset directory {str(preset_dir)!r}")
             raise RuntimeError(
                 f"Pushing to Hugging Face repo {repo_id!r} failed: {err}\nNothing was "
@@ -427,8 +455,3 @@ def push_to_hub(model_or_preset_dir, repo_id, private=False, revision=None,
                 "so running push_to_hub again is safe; for HTTP 401/403 check that the "
                 "token (HF_TOKEN or `hf auth login`) may write to the repo.") from err
 
-
-def _load_local(preset_dir):
-    from keras_vitscale.model import ViT
-
-    return ViT.from_preset(str(preset_dir))

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_vitscale import hub
 from keras_vitscale import layers as L
 from keras_vitscale import presets
 from keras_vitscale.config import ViTConfig
@@ -92,6 +93,17 @@ def _build_graph(config, dtype):
     return images, x
 
 
+def _input_images(x):
+    """The images in predict's `x` where they can be seen without reading data:
+    an array or tensor, or the spec of a tf.data.Dataset; else None."""
+    spec = getattr(x, "element_spec", None)  # a tf.data.Dataset, without importing TF
+    if spec is not None:
+        while isinstance(spec, (tuple, list)) and spec:
+            spec = spec[0]
+        return spec
+    return x
+
+
 @keras.saving.register_keras_serializable(package="keras_vitscale")
 class ViT(keras.Model):
     """A Vision Transformer: ViT-mu up to ViT-22B, one config for the shape.
@@ -119,7 +131,7 @@ class ViT(keras.Model):
     ```
     """
 
-    presets = presets.PresetRegistry()
+    presets = presets.REGISTRY
 
     def __init__(self, variant=None, config=None, name="vit", dtype=None, **fields):
         model_kwargs = {k: fields.pop(k) for k in _MODEL_KWARGS if k in fields}
@@ -139,6 +151,17 @@ class ViT(keras.Model):
     def __call__(self, images, *args, **kwargs):
         self._check_images(images)
         return super().__call__(images, *args, **kwargs)
+
+    # Keras's predict skips __call__ (JAX's even runs it on variables it
+    # has taken out of the model, which a failure there never puts back), so
+    # the images are checked before it starts.
+    def predict(self, x, *args, **kwargs):
+        self._check_images(_input_images(x))
+        return super().predict(x, *args, **kwargs)
+
+    def predict_on_batch(self, x):
+        self._check_images(_input_images(x))
+        return super().predict_on_batch(x)
 
     def _check_images(self, images):
         shape = getattr(images, "shape", None)
@@ -197,7 +220,7 @@ class ViT(keras.Model):
         """
         return presets.load(cls, handle, num_classes=num_classes, image_size=image_size,
                             load_weights=load_weights, dtype=dtype, resample=resample,
-                            **overrides)
+                            resolve=hub.resolve_directory, **overrides)
 
     def save_to_preset(self, directory, max_shard_size_gb=None, metadata=None):
         """Writes config.json, model.weights.h5 (sharded when large), metadata.json.
@@ -208,7 +231,7 @@ class ViT(keras.Model):
                 only models over 5 GB.
             metadata: extra metadata to record (e.g. training recipe).
         """
-        presets.save(self, directory, max_shard_size_gb=max_shard_size_gb,
+        presets.write_directory(self, directory, max_shard_size_gb=max_shard_size_gb,
                      metadata=metadata)
 
     def load_weights(self, filepath, skip_mismatch=False, resample="linear", **kwargs):

@@ -164,6 +164,19 @@ def test_bad_images_at_call_time(shape, words):
         assert word in str(err.value)
 
 
+def test_bad_images_at_predict_time_then_predict_still_works():
+    # Keras's predict skips __call__; on JAX a failure inside it used to leave
+    # the model's variables taken out, breaking every later predict.
+    model = kvs.ViT(**TINY)
+    good = np.zeros((2, 32, 32, 3), "float32")
+    for predict in (lambda x: model.predict(x, verbose=0), model.predict_on_batch):
+        with pytest.raises(ValueError, match=r"got \(48, 48, 3\).*image_size=\(48, 48\)"):
+            predict(np.zeros((2, 48, 48, 3), "float32"))
+        assert np.asarray(predict(good)).shape == (2, 5)
+    expected = keras.ops.convert_to_numpy(model(good))
+    np.testing.assert_allclose(model.predict(good, verbose=0), expected, atol=1e-5)
+
+
 def test_builds_from_explicit_sizes_and_config():
     model = kvs.ViT(width=48, depth=2, mlp_dim=96, num_heads=3, patch_size=(4, 8),
                     image_size=(16, 32), num_classes=2)

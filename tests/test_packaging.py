@@ -15,6 +15,8 @@ import json, math, sys
 import keras_vitscale as kvs
 from keras_vitscale import presets
 assert "site" in kvs.__file__, kvs.__file__
+where = presets.builtin_dir()
+assert where.name == "builtin" and "site" in str(where), where
 names = sorted(kvs.ViT.presets)
 built = []
 for name in names:
@@ -44,7 +46,12 @@ def test_wheel_ships_presets_and_builds_them(tmp_path):
     assert len(wheels) == 1
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                     "--target", str(site), str(wheels[0])], check=True)
-    assert sorted(p.name for p in (site / "keras_vitscale" / "presets").glob("*.json"))
+    # The JSON files sit beside the presets package's modules, not over them.
+    package = site / "keras_vitscale" / "presets"
+    shipped = sorted(p.name for p in (package / "builtin").glob("*.json"))
+    assert shipped == sorted(p.name for p in (REPO / "presets").glob("*.json"))
+    assert (package / "__init__.py").exists() and (package / "registry.py").exists()
+    assert not list(package.glob("*.json"))
     env = {**os.environ, "PYTHONPATH": str(site), "KERAS_BACKEND": "jax"}
     out = subprocess.run([sys.executable, "-c", CHECK], cwd=tmp_path, env=env,
                          capture_output=True, text=True)

@@ -44,12 +44,15 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     # Imported after parsing so that --help answers without loading Keras.
-    from keras_vitscale import hub
+    from keras_vitscale import ViT, hub
 
+    # The flat safetensors file is written from a built model; the hub module
+    # only moves files.
+    model = ViT.from_preset(hub.locate_preset(args.source)[0]) if args.safetensors else None
     commit = hub.push_to_hub(args.source, args.repo_id, private=args.private,
                              revision=args.revision, commit_message=args.message,
                              workdir=args.workdir, safetensors=args.safetensors,
-                             license=args.license)
+                             license=args.license, model=model)
     print(f"Pushed {args.source} to {args.repo_id}: {commit}")
     return 0
 

@@ -84,7 +84,7 @@ def head_bias_init(loss, num_classes):
 
 def model_config(config, explicit):
     """The `ViTConfig` of the run, from --preset, --variant or the default."""
-    from keras_vitscale import presets
+    from keras_vitscale import hub, presets
 
     fields = dict(num_classes=config["num_classes"], image_size=config["image_size"],
                   dropout_rate=config["dropout"],
@@ -96,7 +96,7 @@ def model_config(config, explicit):
     if preset:
         if preset in presets.REGISTRY:
             return presets.builtin_config(preset, **fields)
-        return presets.read_directory_config(presets.resolve_directory(preset)).replace(**fields)
+        return presets.read_directory_config(hub.resolve_directory(preset)).replace(**fields)
     return ViTConfig.from_variant(config["variant"], **fields)
 
 

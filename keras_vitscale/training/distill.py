@@ -42,7 +42,7 @@ from pathlib import Path
 import keras
 from keras import ops
 
-from keras_vitscale import presets
+from keras_vitscale import hub, presets
 from keras_vitscale.config import ViTConfig
 from keras_vitscale.model import ViT
 
@@ -215,7 +215,7 @@ def teacher_config(teacher):
                 "model: a preset directory, hf://org/repo, or a tools/pretrain.py workdir.")
         return handle, presets.builtin_config(handle)
     try:
-        return handle, presets.read_directory_config(presets.resolve_directory(handle))
+        return handle, presets.read_directory_config(hub.resolve_directory(handle))
     except FileNotFoundError as err:  # an incomplete directory: a bad setting too
         raise ValueError(f"--teacher {teacher}: {err}") from None
 

@@ -101,12 +101,12 @@ def _trim_metrics(path, step):
 
 
 def _build_model(config, vit_config):
-    from keras_vitscale import presets
+    from keras_vitscale import hub, presets
 
     model = ViT(config=vit_config, dtype=config["dtype_policy"])
     preset = config.get("preset")
     if preset and preset not in presets.REGISTRY:  # a preset dir: start from its weights
-        directory = presets.resolve_directory(preset)
+        directory = hub.resolve_directory(preset)
         presets.load_weights_into(model, presets.weights_path(directory),
                                   source_config=presets.read_directory_config(directory))
     return model

@@ -230,6 +230,28 @@ def test_bad_repo_id_is_refused_before_any_request(server, source):
     assert server.requests == []
 
 
+def test_safetensors_from_a_directory_needs_the_model(server, source):
+    model, directory, _, _ = source
+    with pytest.raises(ValueError, match="pass model=kvs.ViT.from_preset"):
+        hub.push_to_hub(directory, "org/flat", safetensors=True)
+    assert server.requests == []  # refused before any request
+    hub.push_to_hub(directory, "org/flat", safetensors=True, model=model)
+    files = server.files("org/flat")
+    from safetensors.numpy import load
+
+    assert sorted(load(files["model.safetensors"])) == sorted(v.path for v in model.weights)
+    # The directory's own files go up as they are (no re-save).
+    assert files["metadata.json"] == (directory / "metadata.json").read_bytes()
+
+
+def test_resolve_directory_takes_local_paths_and_hub_handles(server, source):
+    _, directory, _, _ = source
+    assert hub.resolve_directory(str(directory)) == directory
+    hub.push_to_hub(directory, "org/resolved")
+    local = hub.resolve_directory("hf://org/resolved")
+    assert (local / "config.json").read_bytes() == (directory / "config.json").read_bytes()
+
+
 def test_model_card_for_a_feature_extractor(source):
     model, _, _, _ = source
     card = hub.model_card(model.config.replace(num_classes=0), "org/features",
@@ -247,6 +269,7 @@ def _tool():
     return module
 
 
+@pytest.mark.integration  # the hub tool: run once, on JAX
 def test_cli_pushes_a_workdir(server, source, tmp_path, capsys):
     _, directory, images, expected = source
     workdir = _workdir(tmp_path / "run")
@@ -265,6 +288,7 @@ def test_cli_pushes_a_workdir(server, source, tmp_path, capsys):
                                expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.integration  # the hub tool: run once, on JAX
 def test_cli_help():
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "push_to_hub.py"), "--help"],
                             capture_output=True, text=True, timeout=60)
