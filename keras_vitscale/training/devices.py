@@ -108,17 +108,16 @@ def check_model_parallel(model, spec):
 def wait_for_all_processes(name):
     """Returns once every process of a multi-process run has got here.
 
-    Process 0 writes the workdir after training while the others have
-    nothing left to do; without this they would reach JAX's shutdown barrier
-    first and time it out. With one process (every TensorFlow and torch run)
-    it returns at once.
+    A multi-process run is JAX's (`jax_mesh.wait_for_all_processes`, which
+    says why the trainer waits); with one process, as on TensorFlow and
+    torch, this returns at once.
 
     Args:
         name: the barrier's name, the same in every process.
 
     Example:
     ```python
-    wait_for_all_processes("keras_vitscale.train:end")
+    devices.wait_for_all_processes("end of training")
     ```
     """
     if keras.backend.backend() == "jax":
