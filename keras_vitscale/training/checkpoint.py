@@ -1,55 +1,30 @@
-"""Atomic, self-checking checkpoints: model variables, optimizer state, step,
-data position and RNG state.
+"""Atomic, self-checking checkpoints of a run: model variables, optimizer
+state, step, data position and RNG state, behind one manager.
 
-Layout: WORKDIR/checkpoints/ckpt_00001000/{state.npz, meta.json}. A
-checkpoint is written into a hidden temporary directory and renamed into
-place, so a crash (even SIGKILL) leaves either the whole checkpoint or
-nothing. meta.json records the SHA-256 of state.npz; on restore a checkpoint
-whose files are missing, truncated or altered is reported and skipped for the
-previous one. Variables are stored by position with their paths and dtypes;
-bfloat16 values go through float32 (exact both ways).
-
-Backend-neutral: values are read with `keras.ops.convert_to_numpy` and
-written with `Variable.assign`, so it works on JAX, TensorFlow and torch.
-A multi-process JAX run cannot gather its sharded variables into one file:
-`manager_for` gives it an `OrbaxCheckpointManager` (orbax_checkpoint.py),
-same interface. Each manager reads the other's checkpoints.
+`CheckpointManager` owns what every format shares: the directory layout
+(WORKDIR/checkpoints/ckpt_00001000/), the list of steps, keeping the newest
+`keep`, refusing to save non-finite parameters, and restoring the newest
+checkpoint that reads back (a corrupt one is reported and skipped for the
+previous one). The formats are sibling modules that know nothing of it:
+- `npz_checkpoint.py`: one process; state.npz + meta.json with a SHA-256,
+  backend-neutral.
+- `orbax_checkpoint.py`: several JAX processes, whose sharded variables
+  cannot be gathered into one file.
+The manager writes in the format of the run's process count and reads each
+checkpoint in the format it finds, so a run resumes on any process count.
 """
 
-import hashlib
-import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
 import keras
-import numpy as np
 
+from keras_vitscale.training import npz_checkpoint
+from keras_vitscale.training import orbax_checkpoint
 from keras_vitscale.training.errors import CheckpointError
 
 PREFIX = "ckpt_"
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _to_numpy(variable):
-    value = keras.ops.convert_to_numpy(variable.value)
-    return value.astype(np.float32) if value.dtype.name == "bfloat16" else value
 
 
 def manager_for(workdir, keep=3, process_count=1, log=None):
@@ -67,11 +42,12 @@ def manager_for(workdir, keep=3, process_count=1, log=None):
     manager = manager_for("runs/digits", keep=3, process_count=jax.process_count())
     ```
     """
-    if process_count > 1:
-        from keras_vitscale.training.orbax_checkpoint import OrbaxCheckpointManager
+    return CheckpointManager(workdir, keep=keep, log=log, process_count=process_count)
 
-        return OrbaxCheckpointManager(workdir, keep=keep, log=log)
-    return CheckpointManager(workdir, keep=keep, log=log)
+
+def _format_of(path):
+    """The format module of the checkpoint directory `path`."""
+    return orbax_checkpoint if orbax_checkpoint.matches(path) else npz_checkpoint
 
 
 class CheckpointManager:
@@ -81,6 +57,9 @@ class CheckpointManager:
         workdir: the run directory.
         keep: how many of the newest checkpoints to keep.
         log: where reports go (default: stderr).
+        process_count: processes in the run: 1 writes the one-process
+            format (`npz_checkpoint`), more write Orbax's; every process
+            then calls `save` and `restore_latest`. Either reads both.
 
     Example:
     ```python
@@ -90,14 +69,15 @@ class CheckpointManager:
     ```
     """
 
-    def __init__(self, workdir, keep=3, log=None):
+    def __init__(self, workdir, keep=3, log=None, process_count=1):
         self.directory = Path(workdir) / "checkpoints"
         self.keep = max(1, int(keep))
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.format = orbax_checkpoint if process_count > 1 else npz_checkpoint
 
     @classmethod
     def for_run(cls, workdir, keep=3, process_count=1, log=None):
-        """`manager_for`: this class for one process, Orbax for several."""
+        """`manager_for`: the one-process format for one process, Orbax for several."""
         return manager_for(workdir, keep=keep, process_count=process_count, log=log)
 
     def steps(self):
@@ -120,73 +100,39 @@ class CheckpointManager:
     def save(self, step, model, optimizer, extra=None):
         """Writes checkpoint `step` atomically and prunes old ones.
 
-        Raises ValueError if a parameter is non-finite (a checkpoint that
-        would poison every resume is never written).
+        Args:
+            step: the training step.
+            model, optimizer: whose variables are saved.
+            extra: more JSON-able meta (data position, seed, ...).
+
+        Returns:
+            The checkpoint directory.
+
+        Raises:
+            ValueError: a parameter is non-finite (a checkpoint that would
+                poison every resume is never written).
         """
         variables = self._variables(model, optimizer)
-        arrays = {f"v{i}": _to_numpy(v) for i, v in enumerate(variables)}
-        for i, v in enumerate(variables):
-            a = arrays[f"v{i}"]
-            if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+        values = self.format.values(variables)
+        for v, finite in zip(variables, self.format.all_finite(values), strict=True):
+            if not finite:
                 raise ValueError(f"variable {v.path} is non-finite at step {step}")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.directory / f".tmp_{PREFIX}{step:08d}_{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        np.savez(tmp / "state.npz", **arrays)
-        meta = {
-            "step": int(step),
-            "paths": [v.path for v in variables],
-            "dtypes": [str(v.dtype) for v in variables],
-            "sha256": _sha256(tmp / "state.npz"),
-            "backend": keras.backend.backend(),
-            **(extra or {}),
-        }
-        with open(tmp / "meta.json", "w") as f:
-            json.dump(meta, f, indent=1)
-        for name in ("state.npz", "meta.json"):
-            _fsync(tmp / name)
+        meta = {"step": int(step), "paths": [v.path for v in variables],
+                "dtypes": [str(v.dtype) for v in variables],
+                "backend": keras.backend.backend(), **(extra or {})}
+        # resolve(): the checkpoints directory may be a link to storage that
+        # all hosts share, made before the first checkpoint exists.
+        self.directory.resolve().mkdir(parents=True, exist_ok=True)
         final = self.path(step)
-        if final.exists():  # a rerun reaching the same step replaces it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(self.directory)
-        for old in self.steps()[:-self.keep]:
-            shutil.rmtree(self.path(old), ignore_errors=True)
+        self.format.save(final, values, meta)
+        if self.format.is_primary():
+            for old in self.steps()[:-self.keep]:
+                shutil.rmtree(self.path(old), ignore_errors=True)
         return final
 
     def _read(self, step, variables):
         path = self.path(step)
-        if not (path / "state.npz").exists() and (path / "state").is_dir():
-            # Written by a multi-process run (Orbax): resuming on one process.
-            from keras_vitscale.training import orbax_checkpoint
-
-            return orbax_checkpoint.read(path, variables)
-        try:
-            with open(path / "meta.json") as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"meta.json unreadable ({type(err).__name__}: {err})") from None
-        state = path / "state.npz"
-        if not state.exists():
-            raise ValueError("state.npz is missing")
-        if _sha256(state) != meta.get("sha256"):
-            raise ValueError("state.npz does not match its SHA-256 in meta.json "
-                             "(truncated or altered)")
-        paths = [v.path for v in variables]
-        if meta.get("paths") != paths:
-            raise ValueError(f"it holds {len(meta.get('paths', []))} variables that "
-                             f"do not match this model's {len(paths)}")
-        try:
-            with np.load(state) as data:
-                values = [data[f"v{i}"] for i in range(len(variables))]
-        except Exception as err:  # zip/npy errors come in many types
-            raise ValueError(f"state.npz unreadable ({type(err).__name__}: {err})") from None
-        for v, value in zip(variables, values):
-            if tuple(value.shape) != tuple(v.shape):
-                raise ValueError(f"{v.path} has shape {value.shape}, model wants {tuple(v.shape)}")
-        return meta, values
+        return _format_of(path).read(path, variables)
 
     def restore_latest(self, model, optimizer, step=None):
         """Restores the newest valid checkpoint; returns its meta dict or None.

@@ -23,10 +23,13 @@ variable it was not told about (an optimizer statistic of its own shape) gets
 the same rule applied to its shape when it is created.
 
 Multi-host input is sharded by the data pipeline itself (one shard per
-process), so Keras' own dataset auto-sharding is turned off. The TensorFlow
-and torch backends train on one device or data-parallel only (TensorFlow's
-strategies are in `tf_strategy.py`); asking them for a model or FSDP axis is
-an error that says so.
+process), so Keras' own dataset auto-sharding is turned off.
+
+The trainer does not call this module directly: `devices.py` picks it on the
+JAX backend (and `tf_strategy.py` on TensorFlow). Every function that places
+or queries devices refuses another backend with an error that says so;
+`parse_mesh` and `variable_layout` are plain Python (the memory planner uses
+them on any backend).
 """
 
 import contextlib
@@ -61,6 +64,25 @@ FSDP_MIN_SIZE = 2**20
 # Mesh axis names as keras.distribution sees them ("batch" is Keras' name
 # for the data-parallel axis).
 _AXIS_NAMES = {"data": "batch", "fsdp": "fsdp", "model": "model"}
+
+
+def require_jax(what):
+    """Raises a ValueError naming `what` unless the Keras backend is JAX.
+
+    Args:
+        what: the function or flag that needs JAX, for the message.
+
+    Example:
+    ```python
+    require_jax("jax_mesh.setup")   # ValueError on TensorFlow or torch
+    ```
+    """
+    backend = keras.backend.backend()
+    if backend != "jax":
+        raise ValueError(
+            f"{what} needs the JAX backend (KERAS_BACKEND=jax) but the Keras backend is "
+            f"{backend!r}; set KERAS_BACKEND=jax, or call "
+            "keras_vitscale.training.devices, which picks the set-up of each backend.")
 
 
 def parse_mesh(spec):
@@ -201,9 +223,9 @@ def make_distribution(spec, devices=None, model_or_config=None, min_size=None):
         a mesh with axes ("batch" or "fsdp", "model").
 
     Raises:
-        ValueError: a bad spec, a mesh whose size is not the number of
-            devices, or a tensor-parallel dimension the "model" size does
-            not divide.
+        ValueError: a bad spec, another backend than JAX, a mesh whose
+            size is not the number of devices, or a tensor-parallel
+            dimension the "model" size does not divide.
 
     Example:
     ```python
@@ -213,6 +235,7 @@ def make_distribution(spec, devices=None, model_or_config=None, min_size=None):
     ```
     """
     axes = parse_mesh(spec)
+    require_jax("jax_mesh.make_distribution")
     if devices is None:
         devices = keras.distribution.list_devices()
     devices = list(devices)
@@ -229,37 +252,29 @@ def make_distribution(spec, devices=None, model_or_config=None, min_size=None):
     return ShardedModelParallel(layout_map, names[0], axes, min_size)
 
 
-def setup(spec, batch_size, tpu=None):
-    """Installs the distribution for a mesh spec; returns the scope to build in.
+def setup(spec, batch_size):
+    """Installs the distribution of a mesh spec; returns the scope to build in.
 
     Args:
-        spec: a mesh spec (see `make_distribution`), or None for one device.
+        spec: a mesh spec (see `make_distribution`).
         batch_size: the global batch size.
-        tpu: TensorFlow only: a TPU name or address for `TPUStrategy`.
 
     Returns:
-        A context manager: the model and optimizer are made inside it.
+        A context manager that does nothing: JAX's distribution is global,
+        installed here before the model is built.
 
     Raises:
-        ValueError: on a backend other than JAX, a mesh whose size differs
-            from the number of devices, or a batch the data axis cannot split.
-    """
-    if not spec and not tpu:
-        return contextlib.nullcontext()
-    if keras.backend.backend() == "tensorflow":  # it refuses model and fsdp axes
-        from keras_vitscale.training import tf_strategy
+        ValueError: another backend, a mesh whose size differs from the
+            number of devices, or a batch the data axis cannot split.
 
-        return tf_strategy.setup(spec, batch_size, tpu)
-    if tpu:
-        raise ValueError(f"--tpu {tpu!r} needs the TensorFlow backend (KERAS_BACKEND="
-                         "tensorflow, TPUStrategy); on JAX a TPU VM's chips are JAX "
-                         "devices: drop --tpu and use --mesh.")
+    Example:
+    ```python
+    with setup("fsdp:8", batch_size=256):
+        model = kvs.ViT(variant="B/16", num_classes=1000)  # sharded as made
+    ```
+    """
     axes = parse_mesh(spec)
-    if keras.backend.backend() != "jax":
-        raise ValueError(
-            f"--mesh {spec!r} needs the JAX backend (KERAS_BACKEND=jax); the "
-            f"{keras.backend.backend()} backend trains on a single device in this tool. "
-            "Drop --mesh or set KERAS_BACKEND=jax.")
+    require_jax(f"--mesh {spec!r}")
     import jax
 
     devices = jax.devices()
@@ -277,7 +292,21 @@ def setup(spec, batch_size, tpu=None):
 
 
 def check_model_parallel(model, spec):
-    """Fails if a model-parallel mesh would shard a dimension unevenly."""
+    """Fails if a model-parallel mesh would shard a dimension unevenly.
+
+    Args:
+        model: a built model.
+        spec: its mesh spec, or None.
+
+    Raises:
+        ValueError: a tensor-parallel dimension the "model" size does not
+            divide (the message names the variable).
+
+    Example:
+    ```python
+    check_model_parallel(model, "data:2,model:4")
+    ```
+    """
     axes = parse_mesh(spec) if spec else None
     if not axes or axes["model"] == 1:
         return
@@ -286,25 +315,38 @@ def check_model_parallel(model, spec):
 
 
 def wait_for_all_processes(name):
-    """JAX multi-process runs: returns once every process has got here.
+    """Returns once every JAX process has got here (at once with one process).
 
     Process 0 writes the workdir after training while the others have
     nothing left to do; without this they would reach JAX's shutdown barrier
     first and time it out.
+
+    Args:
+        name: the barrier's name, the same in every process.
+
+    Example:
+    ```python
+    wait_for_all_processes("keras_vitscale.train:end")
+    ```
     """
-    if keras.backend.backend() == "jax":
-        import jax
+    require_jax("jax_mesh.wait_for_all_processes")
+    import jax
 
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
-            multihost_utils.sync_global_devices(name)
+        multihost_utils.sync_global_devices(name)
 
 
 def process_info():
-    """(process index, process count): JAX's in a multi-host run, else (0, 1)."""
-    if keras.backend.backend() == "jax":
-        import jax
+    """(process index, process count) of this JAX process: (0, 1) on one host.
 
-        return jax.process_index(), jax.process_count()
-    return 0, 1
+    Example:
+    ```python
+    index, count = process_info()
+    ```
+    """
+    require_jax("jax_mesh.process_info")
+    import jax
+
+    return jax.process_index(), jax.process_count()

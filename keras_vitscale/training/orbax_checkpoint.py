@@ -1,30 +1,46 @@
-"""JAX only: multi-host checkpoints with Orbax, same interface as the .npz one.
+"""JAX only: the multi-process checkpoint format, written with Orbax.
 
 In a run over several JAX processes a sharded variable is a global array of
 which each process holds only some shards, so it cannot be gathered into one
 numpy file. Orbax writes each process's shards of every array into one
 shared checkpoint directory (tensorstore, zarr) and the primary process
 commits it by renaming its temporary directory, so a checkpoint is either
-whole or absent, as with `CheckpointManager`.
+whole or absent, as in the one-process format (`npz_checkpoint.py`).
 
-Layout: WORKDIR/checkpoints/ckpt_00001000/{state/, meta/}: `state` holds the
-variables by position ("v0", "v1", ...), `meta` the same meta dict as the
-.npz format (step, paths, dtypes, data position, ...). Restoring reads each
-process's shards straight into the variables' current shardings. Unlike the
-.npz format there is no file checksum: a checkpoint with missing or
-unreadable files fails to restore and is skipped for the previous one.
+Layout of one checkpoint directory: `state/` holds the variables by
+position ("v0", "v1", ...), `meta/` the meta dict the manager gives (step,
+paths, dtypes, data position, ...) plus "format" and "process_count".
+Reading places each process's shards straight into the variables' current
+shardings. Unlike the one-process format there is no file checksum: a
+checkpoint with missing or unreadable files fails to read (a ValueError).
 
-Either manager reads the other's format, so a run can resume on a different
-number of processes.
+`checkpoint.CheckpointManager` picks this format to write in a run of
+several processes, and to read any checkpoint in it (so a run can resume on
+a different number of processes); it does not import the manager. Every
+process calls `save` and `read` (they synchronise). On another backend than
+JAX they raise `CheckpointError`, saying so.
 """
 
 import contextlib
-import shutil
 
 import keras
 import numpy as np
 
-from keras_vitscale.training.checkpoint import CheckpointManager
+from keras_vitscale.training.errors import CheckpointError
+
+NAME = "orbax"
+
+
+def _jax():
+    # Not a ValueError: the manager would take that for a corrupt checkpoint.
+    backend = keras.backend.backend()
+    if backend != "jax":
+        raise CheckpointError(
+            f"Orbax checkpoints (of a multi-process run) need the JAX backend but the "
+            f"Keras backend is {backend!r}; set KERAS_BACKEND=jax to write or read them.")
+    import jax
+
+    return jax
 
 
 def _ocp():
@@ -38,18 +54,29 @@ def _ocp():
     return ocp
 
 
-def is_orbax(path):
+def matches(path):
     """Whether the checkpoint directory `path` is in the Orbax format."""
     return (path / "state").is_dir() and not (path / "state.npz").exists()
+
+
+def is_primary():
+    """Whether this process prunes old checkpoints: process 0 only."""
+    return _jax().process_index() == 0
 
 
 def read(path, variables):
     """(meta, values) of the Orbax checkpoint at `path`, placed like `variables`.
 
-    Raises ValueError (naming what is wrong) if it cannot be restored.
-    """
-    import jax
+    Raises:
+        ValueError: the checkpoint cannot be read, or its variables differ
+            from `variables` (the message says what is wrong).
 
+    Example:
+    ```python
+    meta, arrays = read(Path("run/checkpoints/ckpt_00000100"), variables)
+    ```
+    """
+    jax = _jax()
     ocp = _ocp()
     with contextlib.closing(ocp.Checkpointer(ocp.CompositeCheckpointHandler())) as checkpointer:
         try:
@@ -81,79 +108,45 @@ def _first_line(err, limit=300):
     return line if len(line) <= limit else line[:limit] + "..."
 
 
-def _all_finite(variables):
-    """One bool per variable, computed where the shards are (no gathering)."""
-    import jax
+def values(variables):
+    """The global arrays to save (each process holds some of their shards)."""
+    return [v.value for v in variables]
+
+
+def all_finite(arrays):
+    """One bool per array, computed where the shards are (no gathering)."""
+    jax = _jax()
     import jax.numpy as jnp
 
-    values = [v.value for v in variables]
     flags = jax.jit(lambda xs: [
         jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True)
-        for x in xs])(values)
+        for x in xs])(arrays)
     # A scalar cannot be sharded: every process holds the whole flag.
     return [bool(np.asarray(f.addressable_data(0))) for f in flags]
 
 
-class OrbaxCheckpointManager(CheckpointManager):
-    """`CheckpointManager` for multi-process JAX runs, written with Orbax.
-
-    The same interface and guarantees: atomic checkpoints, the newest `keep`
-    kept, a corrupt checkpoint skipped for the previous one, `CheckpointError`
-    when none is valid, no checkpoint of non-finite parameters. Every process
-    calls `save` and `restore_latest` (they synchronise); `workdir` must be
-    the same shared directory for all of them.
+def save(final, arrays, meta):
+    """Writes `arrays` and `meta` to the directory `final` (every process).
 
     Args:
-        workdir: the run directory.
-        keep: how many of the newest checkpoints to keep.
-        log: where reports go (default: stderr).
+        final: the checkpoint directory, on storage all processes share;
+            an existing one (a rerun reaching the same step) is replaced
+            whole.
+        arrays: from `values`.
+        meta: the JSON-able meta dict; "format" and "process_count" are
+            added.
 
     Example:
     ```python
-    manager = OrbaxCheckpointManager("gs://bucket/run", keep=3)
-    manager.save(100, model, optimizer, extra={"data_position": 6400})
-    meta = manager.restore_latest(model, optimizer)  # None if no checkpoint
+    save(Path("run/checkpoints/ckpt_00000100"), values(variables), {"step": 100})
     ```
     """
-
-    def save(self, step, model, optimizer, extra=None):
-        """Writes checkpoint `step` (all processes) and prunes old ones.
-
-        Raises ValueError if a parameter is non-finite.
-        """
-        import jax
-
-        ocp = _ocp()
-        variables = self._variables(model, optimizer)
-        for v, finite in zip(variables, _all_finite(variables), strict=True):
-            if not finite:
-                raise ValueError(f"variable {v.path} is non-finite at step {step}")
-        meta = {
-            "step": int(step),
-            "paths": [v.path for v in variables],
-            "dtypes": [str(v.dtype) for v in variables],
-            "backend": keras.backend.backend(),
-            "format": "orbax",
-            "process_count": jax.process_count(),
-            **(extra or {}),
-        }
-        state = {f"v{i}": v.value for i, v in enumerate(variables)}
-        # resolve(): the checkpoints directory may be a link to storage that
-        # all hosts share, made before the first checkpoint exists.
-        self.directory.resolve().mkdir(parents=True, exist_ok=True)
-        final = self.path(step)
-        # force: a rerun reaching the same step replaces it whole. Orbax
-        # writes into a temporary directory and renames it when every
-        # process has finished.
-        with contextlib.closing(ocp.Checkpointer(ocp.CompositeCheckpointHandler())) as c:
-            c.save(final, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-        if jax.process_index() == 0:
-            for old in self.steps()[:-self.keep]:
-                shutil.rmtree(self.path(old), ignore_errors=True)
-        return final
-
-    def _read(self, step, variables):
-        if is_orbax(self.path(step)):
-            return read(self.path(step), variables)
-        return super()._read(step, variables)
+    jax = _jax()
+    ocp = _ocp()
+    meta = {**meta, "format": NAME, "process_count": jax.process_count()}
+    state = {f"v{i}": a for i, a in enumerate(arrays)}
+    # force: replace a checkpoint of the same step. Orbax writes into a
+    # temporary directory and renames it when every process has finished.
+    with contextlib.closing(ocp.Checkpointer(ocp.CompositeCheckpointHandler())) as c:
+        c.save(final, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)

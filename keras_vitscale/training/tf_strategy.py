@@ -12,7 +12,10 @@ TPU's replica count (the mesh then just states what the TPU gives).
 
 `setup` returns `strategy.scope()`; the model, optimizer and metrics must be
 made inside it, which `train` does. `model.fit` then splits each global
-batch over the replicas and sums the gradients across them.
+batch over the replicas and sums the gradients across them. The trainer
+reaches this module through `devices.py`, which picks it on the TensorFlow
+backend; `setup` refuses another backend, whose variables a strategy cannot
+hold.
 
 Reaching a TPU is bounded in time: a wrong name or address, or a host where
 nothing (or something other than a gRPC server) answers, is a `ValueError`
@@ -24,6 +27,7 @@ import socket
 import threading
 from urllib.parse import urlparse
 
+import keras
 import tensorflow as tf
 
 from keras_vitscale import mesh_spec
@@ -53,10 +57,11 @@ def setup(spec, batch_size, tpu=None):
         optimizer and metrics in.
 
     Raises:
-        ValueError: a model-parallel or malformed mesh, a data size that
-            differs from the devices TensorFlow sees (or from the TPU's
-            replicas), a batch the replicas cannot split, or an unreachable
-            TPU. The message names the value and the fix.
+        ValueError: another backend than TensorFlow, a model-parallel or
+            malformed mesh, a data size that differs from the devices
+            TensorFlow sees (or from the TPU's replicas), a batch the
+            replicas cannot split, or an unreachable TPU. The message names
+            the value and the fix.
 
     Example:
     ```python
@@ -70,6 +75,13 @@ def setup(spec, batch_size, tpu=None):
         model = build_and_compile()   # MirroredVariables
     ```
     """
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise ValueError(
+            f"tf_strategy.setup makes tf.distribute strategies, which hold TensorFlow "
+            f"variables only, but the Keras backend is {backend!r}; set "
+            "KERAS_BACKEND=tensorflow, or call keras_vitscale.training.devices.setup, "
+            "which picks the set-up of each backend.")
     data = data_size(spec) if spec else None
     if tpu:
         strategy = tpu_strategy(tpu)

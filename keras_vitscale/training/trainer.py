@@ -21,7 +21,7 @@ from keras_vitscale.model import ViT
 from keras_vitscale.config import ViTConfig
 from keras_vitscale.training import branch
 from keras_vitscale.training import config as config_lib
-from keras_vitscale.training import jax_mesh
+from keras_vitscale.training import devices
 from keras_vitscale.training import losses
 from keras_vitscale.training import run_logging
 from keras_vitscale.training.callbacks import RunMonitor
@@ -216,14 +216,14 @@ def train(settings, log=None, progress=True):
     size = (int(config["image_size"]),) * 2
     data.parse_augment(config["augment"])  # fail on a bad spec before any work
     run_logging.check_available(config)
-    process_index, process_count = jax_mesh.process_info()
+    process_index, process_count = devices.process_info()
     # In a multi-process run every process trains, evaluates and
     # checkpoints (Orbax coordinates); only process 0 writes the workdir's
     # other files.
     chief = process_index == 0
     # The strategy scope (TF) is where model and optimizer variables must be
     # made; JAX's distribution is global and its scope is a no-op.
-    scope = jax_mesh.setup(config["mesh"], config["batch_size"], tpu=config["tpu"])
+    scope = devices.setup(config["mesh"], config["batch_size"], tpu=config["tpu"])
     source = data.load_source(config["dataset"], config["data_dir"],
                               num_classes=config.get("num_classes"), image_size=size)
     config["num_classes"] = source.num_classes
@@ -246,7 +246,7 @@ def train(settings, log=None, progress=True):
     keras.utils.set_random_seed(config["seed"])
     with scope:
         model = _build_model(config, vit_config)
-        jax_mesh.check_model_parallel(model, config["mesh"])
+        devices.check_model_parallel(model, config["mesh"])
         schedule = build_schedule(config)
         optimizer = build_optimizer(config, schedule)
         # What `fit` trains: the model, or a distillation wrapper around it
@@ -312,7 +312,7 @@ def train(settings, log=None, progress=True):
                                {str(k): v for k, v in result.mean.items()})
             loggers.log_fewshot(result, final["step"])
     loggers.finish()
-    jax_mesh.wait_for_all_processes("keras_vitscale.train:end")
+    devices.wait_for_all_processes("keras_vitscale.train:end")
     summary["seconds"] = round(time.perf_counter() - started, 1)
     return summary
 

@@ -20,6 +20,8 @@ import pytest
 from keras_vitscale import data
 from keras_vitscale.training.errors import CheckpointError
 
+pytestmark = pytest.mark.integration
+
 jax_only = pytest.mark.skipif(keras.backend.backend() != "jax",
                               reason="multi-process runs and Orbax checkpoints are JAX-only")
 
@@ -76,14 +78,12 @@ def _values(model, optimizer):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @jax_only
 def test_orbax_manager_keeps_skips_corrupt_and_reads_npz(tmp_path):
-    from keras_vitscale.training import checkpoint
-    from keras_vitscale.training.orbax_checkpoint import OrbaxCheckpointManager
+    from keras_vitscale.training import checkpoint, npz_checkpoint, orbax_checkpoint
 
     logs = []
     manager = checkpoint.manager_for(tmp_path, keep=2, process_count=2, log=logs.append)
-    assert isinstance(manager, OrbaxCheckpointManager)
-    assert isinstance(checkpoint.manager_for(tmp_path, process_count=1),
-                      checkpoint.CheckpointManager)
+    assert manager.format is orbax_checkpoint
+    assert checkpoint.manager_for(tmp_path, process_count=1).format is npz_checkpoint
     model, optimizer = _tiny_model_and_optimizer()
     saved = {}
     for step in (1, 2, 3):
@@ -134,7 +134,7 @@ CHILD = textwrap.dedent("""
     import keras_vitscale as kvs
     from keras_vitscale.optimizers import ScalingAdafactor
     from keras_vitscale.training import jax_mesh, train
-    from keras_vitscale.training.orbax_checkpoint import OrbaxCheckpointManager
+    from keras_vitscale.training.checkpoint import CheckpointManager
     assert (jax.process_count(), len(jax.devices()), len(jax.local_devices())) == (2, 4, 2)
     out = {}
     # One workdir for both, as on shared storage: Orbax coordinates the
@@ -172,7 +172,7 @@ CHILD = textwrap.dedent("""
     shards = lambda: [[np.asarray(s.data) for s in v.value.addressable_shards]
                       for v in variables]
     before = shards()
-    manager = OrbaxCheckpointManager(f"{root}/fsdp", keep=1)
+    manager = CheckpointManager(f"{root}/fsdp", keep=1, process_count=2)
     manager.save(3, model, optimizer, extra={"data_position": 48})
     for v in variables:
         v.assign(np.zeros(v.shape, str(v.dtype)))

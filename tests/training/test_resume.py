@@ -12,6 +12,9 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 40

@@ -23,11 +23,11 @@ pytestmark = pytest.mark.skipif(
            "backend's; JAX meshes are tested in test_mesh.py")
 
 # Clipping at 0.1 makes every step clip, and these learning rates make the
-# trajectory sensitive to it: clipping each replica's half-gradient before
-# the all-reduce (Keras' TensorFlow default) moved the losses by 3e-3 (adam)
-# and 1.3e-3 (adafactor) relative within 6 steps, against ~1e-7 when the clip
-# sees the summed gradient. (At lr 0.01 adam amplifies run-to-run float
-# noise to ~1e-5, too close to the 1e-4 bound, hence 0.005 for it.)
+# trajectory sensitive to where it happens: clipping each replica's
+# half-gradient before the all-reduce (Keras' TensorFlow default) moves the
+# losses far past the 1e-4 bound within 6 steps, while clipping the summed
+# gradient stays well inside it. Adam gets a lower rate because a higher one
+# amplifies run-to-run float noise too close to the bound.
 TINY = dict(variant="mu", patch_size=4, image_size=16, batch_size=16, steps=6, log_every=1,
             checkpoint_every=3, keep_checkpoints=3, eval_every=6, fewshot="none",
             clipnorm=0.1, lr_by_optimizer={"adam": 0.005, "adafactor": 0.01})
@@ -187,7 +187,7 @@ def test_mesh_errors_name_the_value_and_the_fix(results):
     for name in ("model_axis", "tpu_and_model"):
         assert "the 'model' axis is not supported on the TensorFlow backend" in errors[name]
         assert "KERAS_BACKEND=jax" in errors[name] and "data:N" in errors[name]
-    # (jax_mesh.setup answers FSDP itself, before dispatching to TF.)
+    # tf_strategy refuses an fsdp axis as it does a model axis.
     assert "'fsdp:2'" in errors["fsdp_axis"] and "KERAS_BACKEND=jax" in errors["fsdp_axis"]
 
 
@@ -219,11 +219,10 @@ def test_checkpoint_resume_and_preset_under_strategy(results):
         paths_2, _, values_2 = _final_state(results["root"] / "mirrored" / optimizer)
         paths_1, dtypes, values_1 = _final_state(results["root"] / "single" / optimizer)
         assert paths_2 == paths_1
-        # As in test_resume: elements whose exact gradient is zero (the
-        # attention key bias) take +-lr steps from float noise, and bfloat16
-        # slots round to a neighbour, so up to 1% of the values may differ
-        # by more than 2e-4 (measured: 0 for adam, ~0.6% for adafactor; a
-        # skipped all-reduce or a doubled update moves about a third).
+        # Elements whose exact gradient is zero (the attention key bias)
+        # take +-lr steps from float noise, and bfloat16 slots round to a
+        # neighbour, so up to 1% of the values may differ by more than 2e-4;
+        # a skipped all-reduce or a doubled update moves far more of them.
         bad = total = 0
         for path, dtype, a, b in zip(paths_1, dtypes, values_1, values_2):
             assert a.shape == b.shape, path
