@@ -1,4 +1,4 @@
-"""Checks kvs.memory.estimate against XLA's buffer assignment for a real step.
+"""Checks kvs.planning.estimate against XLA's buffer assignment for a real step.
 
 Builds small kvs.ViT training steps in pure JAX (Keras `stateless_call` for
 the model, the optimizer's `stateless_apply` for the update, so the real slot
@@ -63,7 +63,7 @@ def measure(variant, image_size, batch, optimizer_name, remat, num_classes=1000)
     import keras
 
     import keras_vitscale as kvs
-    from keras_vitscale import memory
+    from keras_vitscale.planning import memory_estimate as memory
 
     model = kvs.ViT(variant=variant, image_size=image_size, num_classes=num_classes,
                     remat=remat)
