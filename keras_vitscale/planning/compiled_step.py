@@ -154,6 +154,39 @@ class StepMemory:
         return self.arguments + self.outputs - self.aliased + self.temps
 
 
+def train_step(model, optimizer):
+    """The training step as a pure function, ready for `jax.jit`.
+
+    `step(trainable, optimizer_variables, non_trainable, images, labels)`
+    returns `(loss, trainable, optimizer_variables, non_trainable)`: a
+    softmax cross-entropy on the logits, `jax.value_and_grad`, and
+    `optimizer.stateless_apply`, as the training tool's step.
+
+    Example:
+    ```python
+    step = train_step(model, optimizer)
+    jax.jit(step, donate_argnums=(0, 1, 2)).lower(*abstract_arguments).compile()
+    ```
+    """
+    import jax
+    import jax.numpy as jnp
+
+    def loss_fn(trainable, non_trainable, images, labels):
+        logits, non_trainable = model.stateless_call(trainable, non_trainable, images,
+                                                     training=True)
+        loss = keras.losses.sparse_categorical_crossentropy(labels, logits,
+                                                            from_logits=True)
+        return jnp.mean(loss), non_trainable
+
+    def step(trainable, opt_vars, non_trainable, images, labels):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, non_trainable), grads = grad_fn(trainable, non_trainable, images, labels)
+        trainable, opt_vars = optimizer.stateless_apply(opt_vars, grads, trainable)
+        return loss, trainable, opt_vars, non_trainable
+
+    return step
+
+
 def compile_train_step(config, spec, optimizer="scaling_adafactor", batch_per_shard=1,
                        dtype_policy="mixed_bfloat16", devices=None, min_size=None):
     """Compiles (never runs) one sharded training step; returns its `StepMemory`.
@@ -218,18 +251,7 @@ def compile_train_step(config, spec, optimizer="scaling_adafactor", batch_per_sh
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32,
                                   sharding=dist.get_data_layout((batch,)).backend_layout)
 
-    def loss_fn(trainable, non_trainable, images, labels):
-        logits, non_trainable = model.stateless_call(trainable, non_trainable, images,
-                                                     training=True)
-        loss = keras.losses.sparse_categorical_crossentropy(labels, logits,
-                                                            from_logits=True)
-        return jnp.mean(loss), non_trainable
-
-    def step(trainable, opt_vars, non_trainable, images, labels):
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, non_trainable), grads = grad_fn(trainable, non_trainable, images, labels)
-        trainable, opt_vars = opt.stateless_apply(opt_vars, grads, trainable)
-        return loss, trainable, opt_vars, non_trainable
+    step = train_step(model, opt)
 
     def shardings(structs):
         return [s.sharding for s in structs]

@@ -27,9 +27,9 @@ N > n everything else in the temporaries (activations at a fixed batch per
 shard, weights FSDP gathers, update scratch) is taken as independent of the
 shard count. That holds for data and data+model meshes (the per-device
 program does not change with the data size) but not for FSDP: XLA's
-partitioner chooses by size, and with a small global batch (8 devices) it
-moves activations rather than gathering weights, while at 256-1024 devices
-it gathers every block's weights; it also replicates tensors whose
+partitioner chooses by size, and with a small global batch it moves
+activations rather than gathering weights, while on a pod-sized mesh it
+gathers every block's weights; it also replicates tensors whose
 dimensions the larger mesh does not divide. JAX compiles for a pod's count
 of virtual CPU devices, so compile FSDP slices on the pod mesh itself
 (benchmarks/sharding_simulation.py measures both; see its section of
