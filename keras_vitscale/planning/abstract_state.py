@@ -66,13 +66,13 @@ def _placeholder(shape, dtype=None):
     import jax
     import jax.numpy as jnp
 
-    zeros = jnp.zeros(shape, dtype)
-    if not isinstance(zeros, jax.core.Tracer):
+    # A scalar probe: inside a trace it is a tracer, outside it allocates nothing big.
+    if not isinstance(jnp.zeros(()), jax.core.Tracer):
         raise RuntimeError(
             "A variable of keras_vitscale.planning.abstract_state was read outside a JAX "
             "trace; it has no value. Pass values through stateless_call / "
             "stateless_apply instead.")
-    return zeros
+    return jnp.zeros(shape, dtype)
 
 
 @contextlib.contextmanager
@@ -123,8 +123,9 @@ def abstract_train_state(config, distribution, optimizer="scaling_adafactor",
     require_jax()
     from keras_vitscale.model import ViT
 
-    # Constructed outside: its step counter and learning rate are scalars made
-    # from values (replicated, as the distribution would lay them out).
+    # Constructed before the scopes: its step counter and learning rate are
+    # scalars made from values, replicated as the distribution would lay them
+    # out, and placing them would need the mesh's devices (maybe placeholders).
     opt = make_optimizer(optimizer)
     with distribution.scope(), _deferred_variables():
         model = ViT(config=config, dtype=dtype_policy)
