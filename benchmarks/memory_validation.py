@@ -1,4 +1,4 @@
-"""Checks kvs.memory.estimate against XLA's buffer assignment for a real step.
+"""Checks kvs.planning.estimate against XLA's buffer assignment for a real step.
 
 Builds small kvs.ViT training steps in pure JAX (Keras `stateless_call` for
 the model, the optimizer's `stateless_apply` for the update, so the real slot
@@ -60,10 +60,10 @@ def measure(variant, image_size, batch, optimizer_name, remat, num_classes=1000)
     """Compiles one train step; returns (XLA memory analysis, estimate)."""
     import jax
     import jax.numpy as jnp
-    import keras
 
     import keras_vitscale as kvs
-    from keras_vitscale import memory
+    from keras_vitscale.planning import memory_estimate as memory
+    from keras_vitscale.planning.compiled_step import train_step
 
     model = kvs.ViT(variant=variant, image_size=image_size, num_classes=num_classes,
                     remat=remat)
@@ -73,18 +73,7 @@ def measure(variant, image_size, batch, optimizer_name, remat, num_classes=1000)
     non_trainable = [v.value for v in model.non_trainable_variables]
     opt_vars = [v.value for v in optimizer.variables]
 
-    def loss_fn(trainable, non_trainable, images, labels):
-        logits, non_trainable = model.stateless_call(trainable, non_trainable, images,
-                                                     training=True)
-        loss = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-        return jnp.mean(loss), non_trainable
-
-    def step(trainable, opt_vars, non_trainable, images, labels):
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, non_trainable), grads = grad_fn(trainable, non_trainable, images, labels)
-        trainable, opt_vars = optimizer.stateless_apply(opt_vars, grads, trainable)
-        return loss, trainable, opt_vars, non_trainable
-
+    step = train_step(model, optimizer)
     images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
     spec = lambda xs: [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs]  # noqa: E731

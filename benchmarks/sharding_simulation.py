@@ -1,13 +1,13 @@
 """ViT-G/14, ViT-e/14 and ViT-22B on pods, by simulation (issue #8).
 
 Compiles, never runs, the sharded training step of full-width slices (1 and
-2 blocks) on virtual CPU devices with `keras_vitscale.sharding_plan`, under
+2 blocks) on virtual CPU devices with `keras_vitscale.planning`, under
 the training tool's meshes, with ScalingAdafactor, BF16Adam and Keras Adam:
 
 1. 8 devices, meshes data:8, fsdp:8, data:2,model:4: per-device peak of the
    slices, the bytes each block adds, the collectives each block adds, and
    the extrapolation to full depth on 8 devices and to 256 and 1024 devices
-   (the data or fsdp size grows; see the model in sharding_plan's docstring).
+   (the data or fsdp size grows; see the model in planning/sharding_simulation.py).
 2. Checks: a held-out 3-block slice against the 1+2-block fit; the layouts'
    argument bytes against XLA's.
 3. ViT-22B compiled on the pod meshes themselves (256 and 1024 virtual
@@ -62,9 +62,9 @@ class Cache:
     interrupted run resumes where it stopped."""
 
     def __init__(self, path):
-        from keras_vitscale import sharding_plan
+        from keras_vitscale.planning import compiled_step
 
-        self.sp, self.path, self.data = sharding_plan, path, {}
+        self.sp, self.path, self.data = compiled_step, path, {}
         if path and os.path.exists(path):
             with open(path) as f:
                 self.data = json.load(f)
@@ -182,8 +182,8 @@ def explain(rows, pod_rows):
 
 
 def analytic(config, spec, optimizer, args):
-    """`kvs.memory.estimate` of the same step (GiB), without and with remat."""
-    from keras_vitscale import memory
+    """`kvs.planning.estimate` of the same step (GiB), without and with remat."""
+    from keras_vitscale.planning import memory_estimate as memory
     from keras_vitscale.mesh_spec import parse_mesh
 
     mesh = parse_mesh(spec)
@@ -266,7 +266,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import keras
 
-    from keras_vitscale import sharding_plan as sp
+    from keras_vitscale.planning import compiled_step
+    from keras_vitscale.planning import sharding_simulation as sp
 
     if keras.backend.backend() != "jax":
         sys.exit(f"needs KERAS_BACKEND=jax (got {keras.backend.backend()}): it compiles "
@@ -274,7 +275,7 @@ def main(argv=None):
     variants = ("22B/14",) if args.quick else VARIANTS
     optimizers = ("scaling_adafactor",) if args.quick else OPTIMIZERS
     pods = () if args.quick else POD_MESHES
-    sp.use_virtual_devices(max(POD_SIZES) if pods else 8)
+    compiled_step.use_virtual_devices(max(POD_SIZES) if pods else 8)
     import jax
 
     start, load = time.time(), os.getloadavg()[0]
@@ -305,7 +306,7 @@ def main(argv=None):
             if key in scaled:
                 shard_checks.append((f"{row['mesh']} {row['optimizer']}", scaled[key],
                                      row["full"][row["mesh"]]["peak"]))
-    steps = [sp.StepMemory(**v) for v in cache.data.values()]
+    steps = [compiled_step.StepMemory(**v) for v in cache.data.values()]
     arg_diffs = (max(abs(s.arguments - s.layout["arguments"]) for s in steps), len(steps))
     fits = verdict(tables.get("22B/14", []), pod_rows + scale_rows)
     compare = [(row["mesh"], row["optimizer"], row["full"][row["mesh"]]["peak"] / GIB,

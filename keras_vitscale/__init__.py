@@ -15,15 +15,18 @@ from keras_vitscale import (
     evaluation,
     hub,
     layers,
-    memory,
     optimizers,
+    planning,
     scaling,
     schedules,
 )
 from keras_vitscale.config import ViTConfig
 from keras_vitscale.model import ViT
 
+# kvs.memory: the planner's former name, kept for existing callers.
+memory = planning.memory_estimate
+
 __all__ = [
     "ViT", "ViTConfig", "config", "convert", "evaluation", "hub", "layers", "memory",
-    "optimizers", "scaling", "schedules", "__version__",
+    "optimizers", "planning", "scaling", "schedules", "__version__",
 ]

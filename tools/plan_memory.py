@@ -1,12 +1,12 @@
 """Which ViT variants fit on a device, with which optimizer and batch size.
 
-Table mode (default, analytic, `kvs.memory.estimate`): one row per variant
+Table mode (default, analytic, `kvs.planning.estimate`): one row per variant
 and one column per optimizer; each cell is the largest power-of-two batch
 per device whose training step fits in the given device memory ("-": not
 even batch 1), in the spirit of the Scaling ViT paper's study of model
 shape versus optimizer memory.
 
---simulate (JAX, `keras_vitscale.sharding_plan`): compiles, without running
+--simulate (JAX, `keras_vitscale.planning.sharding_simulation`): compiles, without running
 or allocating, the training step of full-width slices (1 and 2 blocks) of
 each model on virtual CPU devices under the training tool's meshes, reads
 XLA's per-device memory and collectives, and extrapolates to full depth and
@@ -38,18 +38,18 @@ def parse_args(argv=None):
             "(adam: 2 float32 slots; bf16_adam: bfloat16 + float32; "
             "scaling_adafactor: bfloat16 momentum + factored second moment; "
             "sgd: none). Estimates count parameters, gradients, optimizer "
-            "state and saved activations (see keras_vitscale/memory.py); "
+            "state and saved activations (see keras_vitscale/planning/memory_estimate.py); "
             "leave headroom for framework workspace. With --simulate (JAX): compile, "
             "never run, the sharded training step of 1- and 2-block full-width slices on "
             "virtual CPU devices under the training tool's meshes, read XLA's per-device "
             "memory and collectives, and extrapolate to full depth and to --scale-to "
-            "devices (see keras_vitscale/sharding_plan.py)."
+            "devices (see keras_vitscale/planning/sharding_simulation.py)."
         ),
         epilog=("Examples: python tools/plan_memory.py --device-memory 16GiB --remat; "
                 "KERAS_BACKEND=jax python tools/plan_memory.py --simulate --variants 22B/14 "
                 "--meshes fsdp:8 --scale-to 1024 --device-memory 16GiB"),
     )
-    parser.add_argument("--device-memory", default="16GiB", help="memory per device, e.g. 16GiB, 80GB (default: 16GiB).")
+    parser.add_argument("--device-memory", default="16GiB", help="memory per device with its unit, e.g. 16GiB (2^30 bytes), 80GB (10^9 bytes) (default: 16GiB).")
     parser.add_argument("--variants", default=None, help=f"comma-separated variants or preset names (default: {DEFAULT_VARIANTS}; with --simulate {SIMULATE_VARIANTS}, each with its preset's recipe).")
     parser.add_argument("--optimizers", default=None, help=f"comma-separated optimizers (default: all four; with --simulate {SIMULATE_OPTIMIZERS}, sgd is not simulated).")
     parser.add_argument("--image-size", type=int, default=224, help="image side in pixels (default: 224).")
@@ -86,39 +86,60 @@ def _names(text, default):
     return [x.strip() for x in (text or default).split(",") if x.strip()]
 
 
+def _fail(message):
+    """Bad settings: the error without a traceback, exit status 2 (as argparse)."""
+    print(f"plan_memory.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _device_memory(text):
+    from keras_vitscale.planning import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as err:
+        _fail(f"--device-memory: {err}")
+
+
 def simulate(args):
     """--simulate: compiled slices per mesh and optimizer, extrapolated."""
     import keras
 
-    from keras_vitscale import memory, sharding_plan
-    from keras_vitscale.training import jax_mesh
+    from keras_vitscale.mesh_spec import parse_mesh
+    from keras_vitscale.planning import abstract_state, compiled_step, format_bytes
+    from keras_vitscale.planning import sharding_simulation as sim
 
     if keras.backend.backend() != "jax":
         sys.exit(f"--simulate compiles with XLA through JAX; the Keras backend is "
                  f"{keras.backend.backend()!r}. Run with KERAS_BACKEND=jax.")
     optimizers = _names(args.optimizers, SIMULATE_OPTIMIZERS)
-    unknown = sorted(set(optimizers) - set(sharding_plan.OPTIMIZERS))
+    unknown = sorted(set(optimizers) - set(abstract_state.OPTIMIZERS))
     if unknown:
         sys.exit(f"--simulate does not know optimizer(s) {unknown}; choose from "
-                 f"{list(sharding_plan.OPTIMIZERS)}.")
+                 f"{list(abstract_state.OPTIMIZERS)}.")
     depths = [int(d) for d in _names(args.depths, "")]
-    budget = memory.parse_bytes(args.device_memory)
-    size = max(math.prod(jax_mesh.parse_mesh(m).values()) for m in args.meshes)
-    sharding_plan.use_virtual_devices(size)
-    results = {}
+    budget = _device_memory(args.device_memory)
+    size = max(math.prod(parse_mesh(m).values()) for m in args.meshes)
+    configs = {}
     for name in _names(args.variants, SIMULATE_VARIANTS):
-        config = sharding_plan.model_config(name, image_size=args.image_size,
-                                            num_classes=args.num_classes, remat=args.remat)
-        rows = sharding_plan.simulate(
+        try:
+            configs[name] = sim.model_config(name, image_size=args.image_size,
+                                             num_classes=args.num_classes, remat=args.remat)
+        except ValueError as err:
+            _fail(f"--variants {name!r}: {err}")
+    compiled_step.use_virtual_devices(size)
+    results = {}
+    for name, config in configs.items():
+        rows = sim.simulate(
             config, args.meshes, optimizers, depths, args.scale_to, args.batch_per_shard,
             args.dtype_policy, log=lambda line: print(line, file=sys.stderr, flush=True))
         print(f"\n{name}: {config.count_params() / 1e9:.2f}B parameters, {config.depth} "
               f"blocks, {args.image_size}px, {args.dtype_policy}, batch {args.batch_per_shard} "
               f"per shard, remat={args.remat}. Peak GiB per device (XLA on CPU):")
-        print(sharding_plan.format_table(rows, config.depth))
+        print(sim.format_table(rows, config.depth))
         fitting = [f"{spec} {row['optimizer']}" for row in rows
                    for spec, full in row["full"].items() if full["peak"] <= budget]
-        print(f"Fits in {memory.format_bytes(budget)} at {config.depth} blocks: "
+        print(f"Fits in {format_bytes(budget)} at {config.depth} blocks: "
               f"{', '.join(fitting) or 'none of these'}.")
         if args.scale_to and any("fsdp" in m for m in args.meshes):
             print("Caution: FSDP figures scaled from a smaller mesh can be far off (XLA "
@@ -133,15 +154,27 @@ def main(argv=None):
     if args.simulate:
         return simulate(args)
     # Imported after parsing so that --help answers without loading Keras.
-    from keras_vitscale import memory
+    from keras_vitscale.mesh_spec import parse_mesh
+    from keras_vitscale.planning import memory_estimate as memory
 
-    budget = memory.parse_bytes(args.device_memory)
-    mesh = memory.parse_mesh(args.mesh)
+    budget = _device_memory(args.device_memory)
+    try:
+        mesh = parse_mesh(args.mesh)
+    except ValueError as err:
+        _fail(f"--mesh: {err}")
     variants = _names(args.variants, DEFAULT_VARIANTS)
     optimizers = _names(args.optimizers, "adam,bf16_adam,scaling_adafactor,sgd")
     kw = dict(image_size=args.image_size, num_classes=args.num_classes,
               param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
               remat=args.remat, mesh=mesh)
+    for variant in variants:  # bad settings: one clear error, not a traceback
+        for optimizer in optimizers:
+            try:
+                memory.estimate(variant, batch_size=mesh["data"] * mesh["fsdp"],
+                                optimizer=optimizer, **kw)
+            except ValueError as err:
+                unknown = str(err).startswith("Unknown variant")
+                _fail(f"--variants {variant!r}: {err}" if unknown else str(err))
     header = ["variant"] + optimizers + ["params", "weights"]
     rows = []
     for variant in variants:

@@ -1,4 +1,4 @@
-"""Analytic memory and FLOP planner for training a ViT.
+"""Analytic memory and FLOP estimate of a ViT training step.
 
 `estimate()` answers "does ViT-X with optimizer Y and batch Z fit on my
 accelerators?" from the `ViTConfig` alone, without building the model:
@@ -41,22 +41,21 @@ width-d tensors are replicated across them.
 Not counted: framework workspace (cuDNN/XLA scratch, fragmentation),
 dropout masks, the bfloat16 copies of float32 weights that mixed precision
 makes inside each matmul, collective-communication buffers.
-`benchmarks/memory_validation.py` compares this with XLA's own numbers:
-parameters + optimizer state match XLA's argument sizes to the byte for
-Adam, BF16Adam and ScalingAdafactor; XLA on CPU (jax 0.10) allocates
-1.5-1.7x the estimated gradients + activations as temporaries (it keeps
-more elementwise intermediates than the minimal set above), so leave that
-much headroom until the benchmark has been run on the target accelerator.
+`benchmarks/memory_validation.py` compares this with XLA's own numbers (its
+section of benchmarks/RESULTS.md): parameters and optimizer state match XLA's
+argument sizes exactly, while XLA keeps more elementwise intermediates than
+the minimal set above as temporaries, so leave headroom for gradients and
+activations until the benchmark has been run on the target accelerator.
 """
 
 import dataclasses
 import functools
 import math
-import re
 
 from keras_vitscale.config import VARIANTS
 from keras_vitscale.config import ViTConfig
-from keras_vitscale.mesh_spec import MESH_AXES, parse_mesh
+from keras_vitscale.mesh_spec import MESH_AXES, parse_mesh  # noqa: F401  (kvs.memory.MESH_AXES, kept for callers)
+from keras_vitscale.planning.byte_sizes import format_bytes, parse_bytes
 
 OPTIMIZERS = ("adam", "bf16_adam", "scaling_adafactor", "sgd")
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
@@ -83,7 +82,7 @@ class MemoryEstimate:
         hardware_flops_per_step: with remat's extra forward (4x).
 
     Example:
-    >>> est = kvs.memory.estimate("G/14", batch_size=8, optimizer="scaling_adafactor")
+    >>> est = kvs.planning.estimate("G/14", batch_size=8, optimizer="scaling_adafactor")
     >>> est.per_device["total"] / 2**30, est.fits("80GiB")
     >>> print(est)
     """
@@ -179,9 +178,9 @@ def estimate(
         A `MemoryEstimate`.
 
     Example:
-    >>> est = kvs.memory.estimate("G/14", batch_size=4096, optimizer="scaling_adafactor",
-    ...                           compute_dtype="bfloat16", remat=True,
-    ...                           mesh={"data": 64, "fsdp": 8, "model": 1})
+    >>> est = kvs.planning.estimate("G/14", batch_size=4096, optimizer="scaling_adafactor",
+    ...                             compute_dtype="bfloat16", remat=True,
+    ...                             mesh={"data": 64, "fsdp": 8, "model": 1})
     >>> print(est)
     """
     if isinstance(variant, ViTConfig):
@@ -310,29 +309,3 @@ def _slots(optimizer, shape, param_dtype):
         return []
     specs = _optimizer(optimizer).state_specs(tuple(shape), param_dtype)
     return [(tuple(s), str(dt)) for _, s, dt, _ in specs]
-
-
-_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-
-
-def parse_bytes(value):
-    """Bytes from an int or a string: "16GiB" (2^30), "16GB" (10^9), "16G" (2^30)."""
-    if isinstance(value, (int, float)):
-        return int(value)
-    match = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(
-            f"Cannot read {value!r} as a memory size; write e.g. '16GiB', "
-            "'80GB' or a number of bytes."
-        )
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
-def format_bytes(n):
-    """Human-readable binary size, e.g. '6.87 GiB'."""
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"

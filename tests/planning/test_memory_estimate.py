@@ -1,33 +1,30 @@
-"""Memory planner: byte counts from shapes, optimizer ratios, mesh, errors."""
+"""Memory estimate: byte counts from shapes, optimizer ratios, mesh, errors."""
 
-import importlib.util
 import math
-import pathlib
 
 import pytest
 
-from keras_vitscale import memory
+import keras_vitscale as kvs
+from keras_vitscale.planning import memory_estimate
 from keras_vitscale.config import ViTConfig
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_vit_g14_parameters_are_about_7gb_in_float32():
-    est = memory.estimate("G/14", batch_size=1)
+    est = memory_estimate.estimate("G/14", batch_size=1)
     assert est.num_params == ViTConfig.from_variant("G/14").count_params()
     assert 1.84e9 < est.num_params < 1.85e9  # Table 2: 1843M
     assert est.params == 4 * est.num_params
     assert est.params == pytest.approx(1843e6 * 4, rel=2e-3)  # ~7.37 GB
     assert est.gradients == est.params
-    half = memory.estimate("G/14", batch_size=1, param_dtype="bfloat16")
+    half = memory_estimate.estimate("G/14", batch_size=1, param_dtype="bfloat16")
     assert half.params == 2 * est.num_params
 
 
 @pytest.mark.parametrize("variant", ["B/16", "G/14"])
 def test_optimizer_state_ratios(variant):
     ratio = {
-        opt: memory.estimate(variant, optimizer=opt).optimizer_state / (4 * ViTConfig.from_variant(variant).count_params())
-        for opt in memory.OPTIMIZERS
+        opt: memory_estimate.estimate(variant, optimizer=opt).optimizer_state / (4 * ViTConfig.from_variant(variant).count_params())
+        for opt in memory_estimate.OPTIMIZERS
     }
     assert ratio["adam"] == 2.0
     assert ratio["bf16_adam"] == 1.5
@@ -41,7 +38,7 @@ def test_scaling_adafactor_factors_by_second_largest_dim():
     # second moment (4 bytes) plus the bf16 momentum (2 bytes) per entry.
     cfg = ViTConfig(width=16, depth=1, mlp_dim=4096, num_heads=2, patch_size=8,
                     image_size=32, num_classes=0)
-    est = memory.estimate(cfg, optimizer="scaling_adafactor")
+    est = memory_estimate.estimate(cfg, optimizer="scaling_adafactor")
     expected = 0
     for shape in cfg.parameter_shapes().values():
         size = math.prod(shape)
@@ -56,23 +53,23 @@ def test_scaling_adafactor_factors_by_second_largest_dim():
 def test_activations_per_block_and_remat():
     cfg = ViTConfig.from_variant("B/16", num_classes=1000)
     n, d, m, h = cfg.num_tokens, cfg.width, cfg.mlp_dim, cfg.num_heads
-    est = memory.estimate("B/16", batch_size=8)
+    est = memory_estimate.estimate("B/16", batch_size=8)
     # 8 n d + 2 n m activations in float32 plus float32 softmax probabilities.
     assert est.activations_per_block == 4 * (8 * n * d + 2 * n * m) + 4 * h * n * n
-    remat = memory.estimate("B/16", batch_size=8, remat=True)
+    remat = memory_estimate.estimate("B/16", batch_size=8, remat=True)
     assert remat.activations < est.activations / 4
     assert remat.activations == remat.activations_remat == est.activations_remat
-    half = memory.estimate("B/16", batch_size=8, compute_dtype="bfloat16")
+    half = memory_estimate.estimate("B/16", batch_size=8, compute_dtype="bfloat16")
     assert half.activations < 0.7 * est.activations
-    assert memory.estimate("B/16", batch_size=16).activations == 2 * est.activations
+    assert memory_estimate.estimate("B/16", batch_size=16).activations == 2 * est.activations
     assert remat.hardware_flops_per_step == pytest.approx(4 / 3 * est.flops_per_step)
     assert est.flops_per_step == pytest.approx(3 * 8 * cfg.flops_per_image())
 
 
 def test_mesh_divides_state_and_batch():
-    base = memory.estimate("L/16", batch_size=64)
-    fsdp = memory.estimate("L/16", batch_size=64, mesh={"data": 2, "fsdp": 4})
-    model = memory.estimate("L/16", batch_size=64, mesh="data:8,model:4")
+    base = memory_estimate.estimate("L/16", batch_size=64)
+    fsdp = memory_estimate.estimate("L/16", batch_size=64, mesh={"data": 2, "fsdp": 4})
+    model = memory_estimate.estimate("L/16", batch_size=64, mesh="data:8,model:4")
     # Matrices sharded over fsdp*model; vectors (0.1% of ViT-L) replicated.
     shapes = ViTConfig.from_variant("L/16").parameter_shapes().values()
     expected = sum(4 * math.prod(s) / (4 if len(s) >= 2 else 1) for s in shapes)
@@ -94,32 +91,19 @@ def test_mesh_divides_state_and_batch():
 
 def test_bad_inputs_list_the_accepted_values():
     with pytest.raises(ValueError, match=r"Unknown optimizer 'lion'.*'adam', 'bf16_adam', 'scaling_adafactor', 'sgd'"):
-        memory.estimate("B/16", optimizer="lion")
+        memory_estimate.estimate("B/16", optimizer="lion")
     with pytest.raises(ValueError, match=r"Unknown variant 'X/16'.*Ti.*22B"):
-        memory.estimate("X/16")
+        memory_estimate.estimate("X/16")
     with pytest.raises(ValueError, match=r"Unknown mesh axis 'tensor'.*'data', 'fsdp', 'model'"):
-        memory.estimate("B/16", mesh={"tensor": 2})
+        memory_estimate.estimate("B/16", mesh={"tensor": 2})
     with pytest.raises(ValueError, match=r"batch_size=12 must be a positive multiple of data\*fsdp = 8"):
-        memory.estimate("B/16", batch_size=12, mesh="data:8")
+        memory_estimate.estimate("B/16", batch_size=12, mesh="data:8")
     with pytest.raises(ValueError, match=r"Unknown compute_dtype 'fp8'"):
-        memory.estimate("B/16", compute_dtype="fp8")
-    with pytest.raises(ValueError, match=r"Cannot read '16 gigs'"):
-        memory.parse_bytes("16 gigs")
-    assert memory.parse_bytes("16GiB") == 16 * 2**30
-    assert memory.parse_bytes("80GB") == 80 * 10**9
+        memory_estimate.estimate("B/16", compute_dtype="fp8")
 
 
-def test_plan_memory_tool_prints_a_fit_table(capsys):
-    spec = importlib.util.spec_from_file_location("plan_memory", ROOT / "tools" / "plan_memory.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    tool.main(["--device-memory", "16GiB", "--variants", "Ti/16,G/14,22B/14"])
-    out = capsys.readouterr().out
-    cells = {line.split()[0]: line.split()[1:5] for line in out.splitlines()[1:]}
-    assert cells["variant"] == list(memory.OPTIMIZERS)
-    # 22B parameters alone (81 GiB in float32) cannot fit on one 16 GiB device.
-    assert cells["22B/14"] == ["-"] * 4
-    # ViT-G/14: float32 params + grads are 13.7 GiB, so any optimizer state
-    # (Adafactor's is the smallest, 3.4 GiB) overflows; SGD fits batch 1.
-    assert cells["G/14"] == ["-", "-", "-", "1"]
-    assert int(cells["Ti/16"][0]) >= 64
+def test_kvs_memory_is_the_estimate_module():
+    # kvs.memory, the planner's former name, still answers.
+    assert kvs.memory is kvs.planning.memory_estimate
+    assert kvs.planning.estimate is memory_estimate.estimate
+    assert kvs.memory.estimate("B/16").fits("16GiB")
