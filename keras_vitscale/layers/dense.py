@@ -10,6 +10,7 @@ a compiled training step has no other weight-gradient dot).
 """
 
 import math
+import random
 
 import keras
 from keras import ops
@@ -22,21 +23,41 @@ class FusedXavierUniform(keras.initializers.Initializer):
     range than big_vision's three separate (D, D) kernels; this uses the fan
     of one part so the fused kernel has the same distribution.
 
+    Seeded like Keras' own random initializers: `seed=None` fixes an integer
+    seed when the initializer is constructed, drawn from Python's `random`
+    (which `keras.utils.set_random_seed` seeds). So each instance (one per
+    layer) draws its own values, the same global seed gives the same
+    weights, and the draw needs no global seed state, which JAX refuses to
+    advance inside a trace (`keras_vitscale.planning.abstract_state` builds
+    a model in one).
+
     Args:
         parts: how many equal projections the output axis holds.
-        seed: random seed.
+        seed: an int, or None to draw one now.
+
+    Example:
+    ```python
+    init = FusedXavierUniform(parts=3)
+    init((64, 192)).shape  # (64, 192), limit sqrt(6 / (64 + 64))
+    ```
     """
 
     def __init__(self, parts=1, seed=None):
+        if seed is not None and not isinstance(seed, int):
+            raise ValueError(f"FusedXavierUniform seed must be an int or None; got {seed!r}.")
         self.parts = parts
         self.seed = seed
+        # Drawn here, not at call time, as keras.initializers.RandomInitializer does.
+        self._seed = random.randint(1, 10**9) if seed is None else seed
 
     def __call__(self, shape, dtype=None):
         fan_in, fan_out = math.prod(shape[:-1]), shape[-1] // self.parts
         limit = math.sqrt(6.0 / (fan_in + fan_out))
-        return keras.random.uniform(shape, -limit, limit, dtype=dtype, seed=self.seed)
+        return keras.random.uniform(shape, -limit, limit, dtype=dtype, seed=self._seed)
 
     def get_config(self):
+        # The seed as given, as Keras' initializers do: a config with
+        # seed=None draws a new seed when it is rebuilt.
         return {"parts": self.parts, "seed": self.seed}
 
 

@@ -13,16 +13,20 @@ symbolic build), outside a trace it raises, so nothing full-size is ever
 allocated by accident. Use the variables only through
 `model.stateless_call` and `optimizer.stateless_apply`.
 
-The one private Keras hook: Keras 3.15 has no public "meta" variables.
-`keras.StatelessScope(initialize_variables=False)` does defer every
-variable, but Keras' symbolic build then reads each one by running its
-initializer inside a JAX trace, and JAX refuses the unseeded random draw of
-`layers.FusedXavierUniform(seed=None)` there. So `_deferred_variables`
-replaces `JaxVariable._initialize_with_initializer` (one method, for the
-duration of the build) to keep the layout and swap the initializer for the
-placeholder. With every initializer seeded at construction (as Keras' own
-are), the public scope plus `keras.Variable(..., layout=...)` stand-ins for
-the optimizer's build would replace the hook.
+The one private Keras hook: Keras 3.15 has no public "meta" variables, so
+`_deferred_variables` replaces `JaxVariable._initialize_with_initializer`
+(one method, for the duration of the build) to keep the layout and swap the
+initializer for the placeholder. The public route,
+`keras.StatelessScope(initialize_variables=False)` plus
+`keras.Variable(..., layout=...)` stand-ins for the optimizer's build, gives
+the same layouts but is not equivalent: it leaves every model variable in
+Keras' global list of uninitialized variables, which the next top-level
+`StatelessScope` (every `stateless_call` / `stateless_apply`) initializes
+for real (every weight full size, and an error on placeholder devices);
+and a read outside a trace would run the layer's initializer at full size
+instead of raising. `tests/planning/test_abstract_state.py` checks both.
+(The initializers themselves run inside a trace too: they fix their seeds
+when constructed, as Keras' own do.)
 """
 
 import contextlib

@@ -37,3 +37,20 @@ def test_layout_memory_shards_state_over_fsdp():
     assert fsdp["params"] < data["params"] / 3
     assert data["optimizer_state"] > 2 * data["params"]   # two float32 slots and a counter
     assert fsdp["arguments"] == fsdp["params"] + fsdp["optimizer_state"] + fsdp["batch"]
+
+
+def test_later_stateless_scopes_leave_the_state_abstract():
+    # keras.StatelessScope(initialize_variables=False) would register each
+    # variable for initialization at the next top-level StatelessScope exit
+    # (every stateless_call does one): with placeholder devices that raises,
+    # with real ones it allocates every weight full size.
+    from keras_vitscale.training.jax_mesh import make_distribution
+
+    dist = make_distribution("fsdp:4", [f"placeholder:{i}" for i in range(4)], CONFIG,
+                             min_size=0)
+    model, opt = abstract_state.abstract_train_state(CONFIG, dist, "adam")
+    with keras.StatelessScope():
+        pass
+    kernel = model.trainable_variables[0]
+    with pytest.raises(RuntimeError, match="read outside a JAX trace"):
+        kernel.numpy()
