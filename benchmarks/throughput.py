@@ -31,8 +31,8 @@ with k = 1 for inference and 3 for training, forward FLOPs from
 timm eager from the same rounds.
 
 Every worker, timm's included, starts with glibc malloc keeping freed memory
-(`--host-malloc retain`, as tools/pretrain.py does on a CPU; see
-keras_vitscale/training/host_memory.py): with glibc's defaults XLA's
+(`--host-malloc retain`: MALLOC_ARENA_MAX=1, MALLOC_MMAP_MAX_=0 and
+MALLOC_TRIM_THRESHOLD_=2^60 in its environment): with glibc's defaults XLA's
 per-step temporary buffer is unmapped and page-faulted in again every step,
 which cost JAX training 20% here. `--host-malloc system` measures the
 defaults.
@@ -65,8 +65,8 @@ import results  # noqa: E402  (benchmarks/results.py: the shared RESULTS.md writ
 RESULTS = results.RESULTS
 MALLOC_NOTE = {
     "retain": "Host malloc: every worker (timm too) runs with glibc keeping freed memory "
-              "(--host-malloc retain: MALLOC_ARENA_MAX=1, MALLOC_MMAP_MAX_=0, no trimming; "
-              "keras_vitscale/training/host_memory.py).",
+              "(--host-malloc retain: MALLOC_ARENA_MAX=1, MALLOC_MMAP_MAX_=0, "
+              "MALLOC_TRIM_THRESHOLD_=2^60 in the workers' environment).",
     "system": "Host malloc: glibc defaults (--host-malloc system).",
 }
 TAG = "@@throughput "  # prefix of the workers' protocol lines on stdout
@@ -239,23 +239,29 @@ def worker(kind):
 
 # ----------------------------------------------------------------- driver --
 
+# glibc malloc keeping freed memory (see the module docstring): one heap,
+# no per-block mmap, no trimming of the heap's free top.
+RETAINING_MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+                        "MALLOC_TRIM_THRESHOLD_": str(2**60)}
+
+
 def worker_env(host_malloc, keras_backend=None):
     """The environment of a benchmark worker process.
 
     Args:
         host_malloc: "retain" (the same retaining malloc settings for every
-            worker, timm's included) or "system". "retain" without glibc
-            exits with the error the training tools give.
+            worker, timm's included; a variable already set is kept) or
+            "system". "retain" without glibc exits with an error.
         keras_backend: KERAS_BACKEND for a Keras worker; None for PyTorch.
     """
-    from keras_vitscale.training import host_memory
-
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
-    try:
-        if host_memory.wants_retaining_malloc(host_malloc):
-            env = host_memory.retaining_malloc_env(env)
-    except ValueError as err:
-        raise SystemExit(f"ERROR: {err}")
+    if host_malloc == "retain":
+        if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
+            raise SystemExit(
+                f"ERROR: --host-malloc retain needs Linux with glibc; this is {sys.platform} "
+                f"({platform.libc_ver()[0] or 'no glibc'}). Use --host-malloc system.")
+        for name, value in RETAINING_MALLOC_ENV.items():
+            env.setdefault(name, value)
     if keras_backend:
         env["KERAS_BACKEND"] = keras_backend
     return env
@@ -491,7 +497,8 @@ def build_parser(description, modes=("infer", "train"), timm_compile="infer", ke
                    help="re-make the table from --raw without measuring.")
     p.add_argument("--host-malloc", choices=("retain", "system"), default="retain",
                    help="'retain' (default): start every worker, timm's too, with glibc "
-                   "malloc keeping freed memory, as tools/pretrain.py does on a CPU, so "
+                   "malloc keeping freed memory (MALLOC_ARENA_MAX=1, MALLOC_MMAP_MAX_=0, "
+                   "MALLOC_TRIM_THRESHOLD_=2^60), so "
                    "XLA's per-step buffers are not page-faulted in again each step; "
                    "'system': glibc defaults")
     p.add_argument("--worker", help=argparse.SUPPRESS)

@@ -17,18 +17,9 @@ section of `--help`.
 import os
 import sys
 
-# tools/ is on sys.path when this file runs as a script; loaded any other way
-# (tests, runpy) it may not be, and pretrain.py is its neighbour.
-if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-if __name__ == "__main__":
-    # Before the package import below, which a relaunch would repeat.
-    import early_relaunch
-
-    early_relaunch.relaunch_if_wanted()
-
-import pretrain  # noqa: E402  (sets the JAX backend default as that tool does)
+# pretrain.py is this script's neighbour in tools/, which Python puts first
+# on sys.path when it runs a script; it sets the JAX backend default.
+import pretrain  # noqa: E402
 
 from keras_vitscale.training import recipes  # noqa: E402
 

@@ -19,13 +19,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-if __name__ == "__main__":
-    # Before the package import below, which a relaunch would repeat.
-    import early_relaunch
-
-    early_relaunch.relaunch_if_wanted()
-
-from keras_vitscale.training import host_memory, recipes  # noqa: E402
+from keras_vitscale.training import recipes  # noqa: E402
 
 EPILOG = """\
 outputs in --workdir:
@@ -147,7 +141,6 @@ def build_parser():
                    help="log to Weights & Biases (needs `pip install wandb`); "
                    "PROJECT defaults to keras_vitscale")
     r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    host_memory.add_host_malloc_flag(r)
     return p
 
 
@@ -158,7 +151,7 @@ def parse_args(argv=None):
 def run_settings(args):
     """The parsed flags that define the run (config.json), without the ones that
     only say how this process runs."""
-    return {k: v for k, v in vars(args).items() if k not in ("no_progress", "host_malloc")}
+    return {k: v for k, v in vars(args).items() if k != "no_progress"}
 
 
 def main(argv=None, args=None, default_workdir=os.path.join("runs", "digits")):

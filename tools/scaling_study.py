@@ -19,13 +19,6 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-if __name__ == "__main__":
-    # Before the package import below, which a relaunch would repeat.
-    import early_relaunch
-
-    early_relaunch.relaunch_if_wanted()
-
-from keras_vitscale.training import host_memory  # noqa: E402
 from keras_vitscale.training import study as study_lib  # noqa: E402
 
 D = study_lib.DEFAULTS
@@ -112,7 +105,6 @@ def build_parser():
     p.add_argument("--shots", type=int, help=f"k of the k-shot error (default {D['shots']})")
     p.add_argument("--seed", type=int, help=f"seed of every run (default {D['seed']})")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    host_memory.add_host_malloc_flag(p)
     return p
 
 
@@ -120,7 +112,7 @@ def main(argv=None):
     """Runs the study; returns the exit status (see the epilog)."""
     args = build_parser().parse_args(argv)
     # How this process runs is not part of the study's settings.
-    settings = {k: v for k, v in vars(args).items() if k not in ("no_progress", "host_malloc")}
+    settings = {k: v for k, v in vars(args).items() if k != "no_progress"}
     if settings["branch_steps"] is not None:
         settings["branch_steps"] = " ".join(settings["branch_steps"])
 

@@ -9,6 +9,7 @@ a test).
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import keras
@@ -49,6 +50,10 @@ def _one_torch_thread():
 
 
 def _tool():
+    # tools/distill.py imports its neighbour pretrain.py, as it does when run
+    # as a script (Python puts the script's directory on sys.path).
+    if str(ROOT / "tools") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tools"))
     spec = importlib.util.spec_from_file_location("distill_tool", ROOT / "tools" / "distill.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
