@@ -20,6 +20,7 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 
 from keras_vitscale.training import study as study_lib  # noqa: E402
+from keras_vitscale.training import study_report  # noqa: E402
 
 D = study_lib.DEFAULTS
 DEFAULT_STEPS = " ".join(f"{v}={','.join(map(str, s))}"
@@ -124,8 +125,8 @@ def main(argv=None):
     except (ValueError, TrainingError) as err:
         return report(err)
     shots = result["settings"]["shots"]
-    print("\n" + study_lib.format_table(result["rows"], shots))
-    print("\n" + study_lib.format_fits(result["fits"]))
+    print("\n" + study_report.format_table(result["rows"], shots))
+    print("\n" + study_report.format_fits(result["fits"]))
     workdir = result["workdir"]
     print(f"\n{result['trained']} run(s) trained in {result['seconds']} s; wrote "
           f"{workdir / 'study.csv'}, {workdir / 'fit.json'} and {workdir / 'study.png'}")

@@ -15,7 +15,7 @@ import keras_vitscale as kvs
 from keras_vitscale.training import (CheckpointError, CheckpointManager,
                                      IncompatibleWorkdirError, NonFiniteLossError,
                                      resolve, train)
-from keras_vitscale.training import config as config_lib
+from keras_vitscale.training import settings as settings_lib
 from keras_vitscale.training.trainer import build_optimizer, build_schedule
 
 TINY = dict(variant="mu", patch_size=4, image_size=16, batch_size=8, steps=4,
@@ -135,9 +135,9 @@ def test_recipes_resolve_and_flags_override():
     assert simplevit["augment"] == "randaugment:10,mixup:0.2"
     tat, _ = resolve({"recipe": "tat"})
     assert (tat["label_smoothing"], tat["block"]) == (0.1, "vanilla") and tat["dropout"] > 0
-    assert config_lib.head_bias_init("sigmoid", 10) == pytest.approx(-math.log(10))
-    assert config_lib.head_bias_init("sigmoid", 18_000) == -10.0
-    assert config_lib.head_bias_init("softmax", 10) == 0.0
+    assert settings_lib.head_bias_init("sigmoid", 10) == pytest.approx(-math.log(10))
+    assert settings_lib.head_bias_init("sigmoid", 18_000) == -10.0
+    assert settings_lib.head_bias_init("softmax", 10) == 0.0
 
 
 def test_scaling_vit_optimizer_decays_head_100x_body_kernels_only():
