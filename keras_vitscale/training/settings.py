@@ -77,10 +77,12 @@ RECIPES = {
 VARIANT_REPLACES = ("width", "depth", "mlp_dim", "num_heads", "patch_size", "pooling",
                     "posemb", "block")
 MODEL_KEYS = VARIANT_REPLACES
-VARIANT_HELP = ("the variant's own architecture, pooling (tok) and position embedding "
-                "(learn) replace the default model's width 64, depth 4, MLP 256, 4 heads, "
-                "patch 8, gap pooling and sincos2d embedding; a recipe's model choices and "
-                "explicit flags still apply")
+VARIANT_HELP = (
+    "the variant's own architecture, pooling (tok) and position embedding (learn) replace "
+    f"the default model's width {BASE['width']}, depth {BASE['depth']}, MLP "
+    f"{BASE['mlp_dim']}, {BASE['num_heads']} heads, patch {BASE['patch_size']}, "
+    f"{BASE['pooling']} pooling and {BASE['posemb']} embedding; a recipe's model choices "
+    "and explicit flags still apply")
 OPTIMIZERS = ("adafactor", "adam", "shampoo")
 LOSSES = ("softmax", "sigmoid")
 # Settings that may change between a run and its resumption.
@@ -139,7 +141,7 @@ def resolve(settings):
 
     Args:
         settings: dict of explicit settings, e.g. parsed flags; None values
-            are ignored. "recipe" picks the defaults (see `recipes.RECIPES`).
+            are ignored. "recipe" picks the defaults (see `RECIPES`).
 
     Returns:
         (config dict, set of keys set explicitly or by the recipe).
@@ -152,8 +154,8 @@ def resolve(settings):
     """
     given = {k: v for k, v in settings.items() if v is not None}
     recipe = given.get("recipe", "default")
-    config = {"recipe": recipe, **recipes.recipe_defaults(recipe), **given}
-    explicit = set(given) | set(recipes.RECIPES[recipe])
+    config = {"recipe": recipe, **recipe_defaults(recipe), **given}
+    explicit = set(given) | set(RECIPES[recipe])
     steps = config["steps"]
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"--steps must be a positive integer; got {steps!r}.")
