@@ -6,9 +6,13 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
 
 import keras_vitscale as kvs
 from keras_vitscale import data
+
+# Orchestration (training runs, tools): run once, on JAX.
+pytestmark = pytest.mark.integration
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "fewshot.py"
 

@@ -164,6 +164,7 @@ def test_teacher_is_frozen_and_outside_the_optimizer(tmp_path, rng):
     assert sum(changed) > len(changed) // 2
 
 
+@pytest.mark.integration
 def test_bad_teachers_fail_before_training(teacher_workdir, tmp_path, capsys):
     workdir, _ = teacher_workdir
     # 10-class teacher, 5-class data: the tool stops with status 2 and no
@@ -189,6 +190,7 @@ def test_bad_teachers_fail_before_training(teacher_workdir, tmp_path, capsys):
     assert _tool().main(["--teacher", str(workdir), "--variant", "mu", "--student", "mu"]) == 2
 
 
+@pytest.mark.integration
 def test_tool_help_lists_the_distillation_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
         _tool().main(["--help"])
@@ -199,6 +201,7 @@ def test_tool_help_lists_the_distillation_flags(capsys):
         assert flag in out, flag
 
 
+@pytest.mark.integration
 def test_distilled_student_on_digits(teacher_workdir, tmp_path, capsys):
     workdir, teacher_accuracy = teacher_workdir
     assert teacher_accuracy > 0.85  # a teacher worth distilling

@@ -30,6 +30,7 @@ def _tool():
     return module
 
 
+@pytest.mark.integration
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path, capsys):
     args = ["--workdir", str(tmp_path), "--variant", "mu", "--patch-size", "4",
             "--image-size", "16", "--batch-size", "8", "--steps", "20", "--lr", "1e30",
@@ -48,6 +49,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path,
         assert all(np.isfinite(f[k]).all() for k in f.files if f[k].dtype.kind == "f")
 
 
+@pytest.mark.integration
 def test_incompatible_workdir_is_refused_and_same_config_resumes(tmp_path):
     first = train({"workdir": str(tmp_path), **TINY}, progress=False, log=lambda m: None)
     assert first["step"] == 4
@@ -95,6 +97,7 @@ def test_checkpoint_refuses_non_finite_parameters(tmp_path):
     assert CheckpointManager(tmp_path).steps() == []
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("change, match", [
     ({"dataset": "mnist"}, "Unknown dataset 'mnist'"),
     ({"recipe": "bert"}, "Unknown recipe 'bert'"),
@@ -117,6 +120,7 @@ def test_bad_inputs_fail_before_training(tmp_path, change, match):
     assert not (tmp_path / "run").exists()  # nothing written on a refusal
 
 
+@pytest.mark.integration
 def test_refused_settings_leave_nothing_so_the_corrected_rerun_starts(tmp_path, capsys):
     args = ["--workdir", str(tmp_path), "--variant", "mu", "--patch-size", "4",
             "--image-size", "16", "--batch-size", "8", "--steps", "20", "--log-every", "10",
@@ -129,6 +133,7 @@ def test_refused_settings_leave_nothing_so_the_corrected_rerun_starts(tmp_path, 
     assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.002
 
 
+@pytest.mark.integration
 def test_config_json_records_the_model_that_was_built(tmp_path):
     settings = {**TINY, "variant": "mu", "steps": 2, "eval_every": 2}
     train({"workdir": str(tmp_path), **settings}, progress=False, log=lambda m: None)
