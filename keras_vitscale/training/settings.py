@@ -23,7 +23,7 @@ from keras_vitscale.evaluation.on_source import check_shots
 
 BASE = dict(
     # model: used only when neither --preset nor --variant is given (see
-    # VARIANT_REPLACES)
+    # MODEL_KEYS)
     variant="mu", patch_size=8, width=64, depth=4, mlp_dim=256, num_heads=4,
     pooling="gap", posemb="sincos2d", block="sequential", dropout=0.0,
     image_size=32, dtype_policy="float32",
@@ -74,9 +74,8 @@ RECIPES = {
 # embedding (ViTConfig's defaults: a class token and a learned embedding).
 # A recipe's own model choices (scaling_vit's MAP head) and explicit flags
 # still apply on top.
-VARIANT_REPLACES = ("width", "depth", "mlp_dim", "num_heads", "patch_size", "pooling",
-                    "posemb", "block")
-MODEL_KEYS = VARIANT_REPLACES
+MODEL_KEYS = ("width", "depth", "mlp_dim", "num_heads", "patch_size", "pooling", "posemb",
+              "block")
 VARIANT_HELP = (
     "the variant's own architecture, pooling (tok) and position embedding (learn) replace "
     f"the default model's width {BASE['width']}, depth {BASE['depth']}, MLP "
@@ -207,7 +206,7 @@ def head_bias_init(loss, num_classes):
 def model_config(config, explicit):
     """The `ViTConfig` of the run, from --preset, --variant or the default.
 
-    With --preset or --variant, the `VARIANT_REPLACES` settings not given
+    With --preset or --variant, the `MODEL_KEYS` settings not given
     explicitly (nor by the recipe) are the preset's or variant's own.
     """
     from keras_vitscale import presets

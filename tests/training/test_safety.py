@@ -144,7 +144,7 @@ def test_config_json_records_the_model_that_was_built(tmp_path):
         assert config[key] == built, key
     assert (config["width"], config["pooling"], config["posemb"]) == (
         model["width"], "tok", "learn")  # the variant's own, not the digits default's
-    assert {"width", "depth", "pooling", "posemb"} <= set(settings_lib.VARIANT_REPLACES)
+    assert {"width", "depth", "pooling", "posemb"} <= set(settings_lib.MODEL_KEYS)
     assert "gap pooling" in settings_lib.VARIANT_HELP  # the help says what is replaced
     help_text = _tool().build_parser().format_help()
     assert "sincos2d embedding" in " ".join(help_text.split())
