@@ -181,9 +181,22 @@ def fit_study(rows, shots):
             for column in error_columns(shots)}
 
 
+def _json_number(value):
+    """`value` with non-finite floats as None (JSON has no inf or NaN: an
+    exact fit's undefined standard errors are written as null)."""
+    if isinstance(value, dict):
+        return {k: _json_number(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_number(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def fit_record(result, rows, column):
     """fit.json's entry for one error column: the note, the frontier's rows
-    and, when fitted, the parameters (and the plain power law's)."""
+    and, when fitted, the parameters (and the plain power law's); undefined
+    values are null."""
     fit = result["fit"]
     record = {"note": result["note"],
               "frontier": [{k: rows[i][k] for k in ("variant", "branch_step", "training_flops",
@@ -194,7 +207,7 @@ def fit_record(result, rows, column):
         if fit.plain is not None:
             record["plain"] = dict(a=fit.plain.a, b=fit.plain.b, stderr=fit.plain.stderr,
                                    rms_log_residual=fit.plain.rms_log_residual)
-    return record
+    return _json_number(record)
 
 
 def plot_study(rows, fits, out, shots):

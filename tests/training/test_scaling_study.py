@@ -120,7 +120,9 @@ def test_another_studys_workdir_is_refused_before_any_work(tiny, tmp_path):
 def test_fit_json_and_png_are_written(tiny):
     workdir = tiny["workdir"]
     assert (workdir / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    fits = json.loads((workdir / "fit.json").read_text())
+    # strict JSON: an exact fit's undefined standard errors are null, not NaN
+    fits = json.loads((workdir / "fit.json").read_text(),
+                      parse_constant=lambda name: pytest.fail(f"fit.json holds {name}"))
     assert set(fits) == {"heldout_error", "fewshot2_error"}
     for record in fits.values():
         assert record["frontier"] and record["note"]  # 2 points or fewer: said so
