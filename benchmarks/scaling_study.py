@@ -30,6 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 
 from keras_vitscale.training import study  # noqa: E402
+from keras_vitscale.training import study_report  # noqa: E402
 
 import results  # noqa: E402  (benchmarks/results.py: the shared RESULTS.md writer)
 
@@ -91,7 +92,7 @@ def comparison(rows, fits, shots):
     variants = sorted(dict.fromkeys(r["variant"] for r in rows),
                       key=lambda v: next(r["params"] for r in rows if r["variant"] == v))
     lines = []
-    for column in study.error_columns(shots):
+    for column in study_report.error_columns(shots):
         name = "held-out error" if column == "heldout_error" else f"{shots}-shot error"
         frontier = [rows[i] for i in fits[column]["frontier"]]
         makeup = ", ".join(f"{v} {sum(r['variant'] == v for r in frontier)}" for v in variants)
@@ -153,13 +154,13 @@ def section(result, timing, note):
 
 {_timing_line(timing)}
 
-{study.format_table(rows, shots)}
+{study_report.format_table(rows, shots)}
 
 Fits of E = a (C + d)^-b + c to each error's compute-optimal frontier (C in
 FLOPs), with the plain power law E = a C^-b for contrast (study.png, fit.json):
 
 ```
-{study.format_fits(fits)}
+{study_report.format_fits(fits)}
 ```
 
 Sizes compared (automatic, from the table):

@@ -1,4 +1,5 @@
-"""Schedules against REFERENCE.md section 4, evaluated at many steps."""
+"""Schedules against their closed forms (warmup, rsqrt, cosine, linear,
+cooldown), evaluated at many steps."""
 
 import importlib.util
 import math

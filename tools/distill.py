@@ -17,20 +17,11 @@ section of `--help`.
 import os
 import sys
 
-# tools/ is on sys.path when this file runs as a script; loaded any other way
-# (tests, runpy) it may not be, and pretrain.py is its neighbour.
-if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# pretrain.py is this script's neighbour in tools/, which Python puts first
+# on sys.path when it runs a script; it sets the JAX backend default.
+import pretrain  # noqa: E402
 
-if __name__ == "__main__":
-    # Before the package import below, which a relaunch would repeat.
-    import early_relaunch
-
-    early_relaunch.relaunch_if_wanted()
-
-import pretrain  # noqa: E402  (sets the JAX backend default as that tool does)
-
-from keras_vitscale.training import recipes  # noqa: E402
+from keras_vitscale.training import settings as settings_lib  # noqa: E402
 
 DEFAULT_WORKDIR = os.path.join("runs", "digits_distilled")
 EPILOG = """\
@@ -66,7 +57,7 @@ def build_parser():
         if action.dest == "workdir":
             action.help = (f"run directory (default {DEFAULT_WORKDIR} for digits; "
                            "required otherwise)")
-    b = recipes.BASE
+    b = settings_lib.BASE
     d = p.add_argument_group("distillation")
     d.add_argument("--teacher", required=True, metavar="PRESET_OR_WORKDIR",
                    help="the trained teacher: a tools/pretrain.py workdir (its "
@@ -92,7 +83,11 @@ def main(argv=None):
     if args.student is not None:
         args.variant = args.student
     del args.student
-    return pretrain.main(args=args, default_workdir=DEFAULT_WORKDIR)
+    from keras_vitscale.training import branch, distill
+
+    # A branch of a distillation run distils from its parent's teacher.
+    entry = branch.train if args.branch_from else distill.train
+    return pretrain.main(args=args, default_workdir=DEFAULT_WORKDIR, entry=entry)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 
 Features are the pre-logits representation; the few-shot examples come from
 the dataset's training split and the accuracy from its held-out split.
+Exit status: 0 done, 2 bad settings (a missing model, bad shots).
 """
 
 import os
@@ -38,18 +39,31 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _fail(message):
+    print(f"ERROR: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None):
+    """Prints the few-shot table; returns the exit status (see the epilog)."""
     args = parse_args(argv)
     from keras_vitscale import data
+    from keras_vitscale.evaluation.on_source import check_shots
+    from keras_vitscale.evaluation.on_source import fewshot_on_source
     from keras_vitscale.model import ViT
-    from keras_vitscale.training.trainer import fewshot_on_source
 
-    handle = args.preset or os.path.join(args.workdir, "model")
-    model = ViT.from_preset(handle, image_size=args.image_size)
-    size = model.config.image_size
-    source = data.load_source(args.dataset, data_dir=args.data_dir, image_size=size)
-    shots = [int(s) for s in args.shots.split(",")]
-    l2_reg = args.l2_reg if args.l2_reg == "auto" else float(args.l2_reg)
+    if args.workdir is not None and not os.path.isdir(os.path.join(args.workdir, "model")):
+        return _fail(f"--workdir {args.workdir} has no final model ({args.workdir}/model is "
+                     "missing): give a finished tools/pretrain.py workdir, or --preset.")
+    try:
+        shots = check_shots(args.shots)
+        l2_reg = args.l2_reg if args.l2_reg == "auto" else float(args.l2_reg)
+        handle = args.preset or os.path.join(args.workdir, "model")
+        model = ViT.from_preset(handle, image_size=args.image_size)
+        size = model.config.image_size
+        source = data.load_source(args.dataset, data_dir=args.data_dir, image_size=size)
+    except (ValueError, FileNotFoundError) as err:
+        return _fail(err)
     result = fewshot_on_source(model, source, size, shots=shots, seeds=args.seeds,
                                l2_reg=l2_reg, progress=True)
     print(result.table())

@@ -27,13 +27,6 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-if __name__ == "__main__":
-    # Before the package import below, which a relaunch would repeat.
-    import early_relaunch
-
-    early_relaunch.relaunch_if_wanted()
-
-from keras_vitscale.training import host_memory  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -65,7 +58,6 @@ def parse_args(argv=None):
                    help="linear warmup steps (default: 5%% of --steps)")
     p.add_argument("--workdir", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="seed of data order and crops")
-    host_memory.add_host_malloc_flag(p)
     return p.parse_args(argv)
 
 

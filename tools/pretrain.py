@@ -19,13 +19,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-if __name__ == "__main__":
-    # Before the package import below, which a relaunch would repeat.
-    import early_relaunch
-
-    early_relaunch.relaunch_if_wanted()
-
-from keras_vitscale.training import host_memory, recipes  # noqa: E402
+from keras_vitscale.training import settings as settings_lib  # noqa: E402
 
 EPILOG = """\
 outputs in --workdir:
@@ -71,12 +65,14 @@ def build_parser():
                     "bundled scikit-learn digits (upsampled to 32x32 RGB), reports "
                     "held-out accuracy and a 1/5/10-shot table.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    b = recipes.BASE
+    b = settings_lib.BASE
     m = p.add_argument_group("model")
     m.add_argument("--preset", help="built-in preset name or preset directory "
-                   "(a directory's weights are the starting point)")
+                   "(a directory's weights are the starting point); like --variant, its "
+                   "own model replaces the default model's")
     m.add_argument("--variant", help=f"variant such as 'S/16' or 'mu/4' (default: "
-                   f"{b['variant']} with width {b['width']}, depth {b['depth']})")
+                   f"{b['variant']} with width {b['width']}, depth {b['depth']}); "
+                   f"{settings_lib.VARIANT_HELP}")
     m.add_argument("--width", type=int, help="override the variant's width")
     m.add_argument("--depth", type=int, help="override the variant's depth")
     m.add_argument("--mlp-dim", type=int, help="override the variant's MLP size")
@@ -103,7 +99,7 @@ def build_parser():
                    help="random left-right flips (default: on, off for digits)")
     d.add_argument("--label-smoothing", type=float, help="default 0")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--recipe", choices=tuple(recipes.RECIPES), help="defaults bundle "
+    o.add_argument("--recipe", choices=tuple(settings_lib.RECIPES), help="defaults bundle "
                    "(see below); explicit flags override it")
     o.add_argument("--steps", type=int, help=f"training steps (default {b['steps']})")
     o.add_argument("--optimizer", choices=("adam", "adafactor", "shampoo"),
@@ -147,7 +143,6 @@ def build_parser():
                    help="log to Weights & Biases (needs `pip install wandb`); "
                    "PROJECT defaults to keras_vitscale")
     r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    host_memory.add_host_malloc_flag(r)
     return p
 
 
@@ -158,14 +153,16 @@ def parse_args(argv=None):
 def run_settings(args):
     """The parsed flags that define the run (config.json), without the ones that
     only say how this process runs."""
-    return {k: v for k, v in vars(args).items() if k not in ("no_progress", "host_malloc")}
+    return {k: v for k, v in vars(args).items() if k != "no_progress"}
 
 
-def main(argv=None, args=None, default_workdir=os.path.join("runs", "digits")):
-    """Runs a pretraining run; returns the exit status (see EPILOG).
+def main(argv=None, args=None, default_workdir=os.path.join("runs", "digits"), entry=None):
+    """Runs a pretraining run (or a cooldown branch); returns the exit status
+    (see EPILOG).
 
     tools/distill.py reuses it with its own parsed `args` (a superset of
-    these flags) and its own default workdir.
+    these flags), its own default workdir and its entry point (`entry`,
+    called as `entry(settings, progress=...)`).
     """
     args = parse_args(argv) if args is None else args
     settings = run_settings(args)
@@ -180,11 +177,14 @@ def main(argv=None, args=None, default_workdir=os.path.join("runs", "digits")):
             return 2
         settings["workdir"] = default_workdir
 
-    from keras_vitscale.training import TrainingError, train
+    from keras_vitscale.training import TrainingError
+    from keras_vitscale.training import branch, trainer
     from keras_vitscale.training.errors import report
 
+    if entry is None:
+        entry = branch.train if settings["branch_from"] else trainer.train
     try:
-        summary = train(settings, progress=not args.no_progress)
+        summary = entry(settings, progress=not args.no_progress)
     except (ValueError, TrainingError) as err:
         return report(err)
     acc = summary["val_accuracy"]

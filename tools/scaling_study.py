@@ -19,14 +19,8 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-if __name__ == "__main__":
-    # Before the package import below, which a relaunch would repeat.
-    import early_relaunch
-
-    early_relaunch.relaunch_if_wanted()
-
-from keras_vitscale.training import host_memory  # noqa: E402
 from keras_vitscale.training import study as study_lib  # noqa: E402
+from keras_vitscale.training import study_report  # noqa: E402
 
 D = study_lib.DEFAULTS
 DEFAULT_STEPS = " ".join(f"{v}={','.join(map(str, s))}"
@@ -112,7 +106,6 @@ def build_parser():
     p.add_argument("--shots", type=int, help=f"k of the k-shot error (default {D['shots']})")
     p.add_argument("--seed", type=int, help=f"seed of every run (default {D['seed']})")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    host_memory.add_host_malloc_flag(p)
     return p
 
 
@@ -120,7 +113,7 @@ def main(argv=None):
     """Runs the study; returns the exit status (see the epilog)."""
     args = build_parser().parse_args(argv)
     # How this process runs is not part of the study's settings.
-    settings = {k: v for k, v in vars(args).items() if k not in ("no_progress", "host_malloc")}
+    settings = {k: v for k, v in vars(args).items() if k != "no_progress"}
     if settings["branch_steps"] is not None:
         settings["branch_steps"] = " ".join(settings["branch_steps"])
 
@@ -132,8 +125,8 @@ def main(argv=None):
     except (ValueError, TrainingError) as err:
         return report(err)
     shots = result["settings"]["shots"]
-    print("\n" + study_lib.format_table(result["rows"], shots))
-    print("\n" + study_lib.format_fits(result["fits"]))
+    print("\n" + study_report.format_table(result["rows"], shots))
+    print("\n" + study_report.format_fits(result["fits"]))
     workdir = result["workdir"]
     print(f"\n{result['trained']} run(s) trained in {result['seconds']} s; wrote "
           f"{workdir / 'study.csv'}, {workdir / 'fit.json'} and {workdir / 'study.png'}")

@@ -11,13 +11,13 @@ summary = train({"workdir": "runs/s16", "recipe": "scaling_vit",
 """
 
 from keras_vitscale.training.checkpoint import CheckpointManager
-from keras_vitscale.training.config import resolve
 from keras_vitscale.training.errors import CheckpointError
 from keras_vitscale.training.errors import IncompatibleWorkdirError
 from keras_vitscale.training.errors import NonFiniteLossError
 from keras_vitscale.training.errors import TrainingError
-from keras_vitscale.training.recipes import RECIPES
-from keras_vitscale.training.trainer import train
+from keras_vitscale.training.runs import train
+from keras_vitscale.training.settings import RECIPES
+from keras_vitscale.training.settings import resolve
 
 __all__ = ["CheckpointError", "CheckpointManager", "IncompatibleWorkdirError",
            "NonFiniteLossError", "RECIPES", "TrainingError", "resolve", "train"]

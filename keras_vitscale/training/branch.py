@@ -12,18 +12,21 @@ The parent's directory is only ever read.
 
 Example:
 ```python
-from keras_vitscale.training import train
-train({"workdir": "runs/long", "schedule": "rsqrt", "steps": 10_000,
-       "cooldown_steps": 0, "checkpoint_every": 1000, "keep_checkpoints": 10})
-train({"workdir": "runs/long_c2k", "branch_from": "runs/long", "branch_step": 4000,
-       "cooldown_steps": 2000})
+from keras_vitscale.training import branch, trainer
+trainer.train({"workdir": "runs/long", "schedule": "rsqrt", "steps": 10_000,
+               "cooldown_steps": 0, "checkpoint_every": 1000, "keep_checkpoints": 10})
+branch.train({"workdir": "runs/long_c2k", "branch_from": "runs/long",
+              "branch_step": 4000, "cooldown_steps": 2000})
 ```
 """
 
-import json
 from pathlib import Path
 
-from keras_vitscale.training import config as config_lib
+from keras_vitscale.config import ViTConfig
+from keras_vitscale.training import distill
+from keras_vitscale.training import run_log
+from keras_vitscale.training import settings as settings_lib
+from keras_vitscale.training import trainer
 from keras_vitscale.training.checkpoint import PREFIX
 from keras_vitscale.training.checkpoint import CheckpointManager
 
@@ -31,7 +34,7 @@ from keras_vitscale.training.checkpoint import CheckpointManager
 # not depend on the total number of steps (cosine and linear do).
 LENGTH_FREE_SCHEDULES = ("rsqrt", "constant")
 # Settings a branch may give differently from its parent.
-BRANCH_CHANGES = config_lib.RESUMABLE_CHANGES + (
+BRANCH_CHANGES = settings_lib.RESUMABLE_CHANGES + (
     "branch_from", "branch_step", "cooldown_steps", "steps")
 
 
@@ -97,8 +100,7 @@ def resolve(settings):
     """
     given = {k: v for k, v in settings.items() if v is not None}
     parent, step = locate(given["branch_from"], given.get("branch_step"))
-    with open(parent / "config.json") as f:
-        parent_config = json.load(f)
+    parent_config = run_log.read_json(parent / "config.json")
     cooldown = given.get("cooldown_steps")
     if not isinstance(cooldown, int) or cooldown < 1:
         raise ValueError("--branch-from needs --cooldown-steps N (N >= 1): the number of "
@@ -132,20 +134,60 @@ def resolve(settings):
                          "writes to a new --workdir and never modifies its parent.")
     inherited = {k: v for k, v in parent_config.items()
                  if k not in ("branch", "model", "num_classes")}
-    config, explicit = config_lib.resolve({**inherited, **given, "steps": step + cooldown,
+    config, explicit = settings_lib.resolve({**inherited, **given, "steps": step + cooldown,
                                            "cooldown_steps": cooldown})
     config["branch"] = {"parent": str(parent.resolve()), "step": step}
     config["model"] = parent_config["model"]
     return config, explicit
 
 
-def copy_parent_metrics(parent, step, metrics_path):
-    """Starts the branch's metrics.jsonl with the parent's rows up to `step`,
-    so its curves show the whole history."""
-    source = Path(parent) / "metrics.jsonl"
-    if metrics_path.exists() or not source.exists():
-        return
-    with open(source) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(metrics_path, "w") as f:
-        f.writelines(rows)
+def _parent_model(config, explicit):
+    """The parent's model, whatever flags made it."""
+    return ViTConfig.from_dict(config["model"])
+
+
+def _start_from_parent(config, model, optimizer, log):
+    """Restores the parent's checkpoint at the branch step (the branch has
+    none of its own yet)."""
+    parent, step = config["branch"]["parent"], config["branch"]["step"]
+    CheckpointManager(parent).restore_latest(model, optimizer, step=step)
+    log(f"Branching from {parent} at step {step}: cooldown to 0 over "
+        f"{config['cooldown_steps']} steps, ending at step {config['steps']}.")
+    return step
+
+
+def parent_metrics(config):
+    """The parent's metrics.jsonl rows up to the branch step: the first rows
+    of the branch's own, so its curves show the whole history."""
+    parent, step = Path(config["branch"]["parent"]), config["branch"]["step"]
+    return [row for row in run_log.read_metrics(parent / run_log.METRICS_FILE)
+            if row["step"] <= step]
+
+
+RUN_SPEC = trainer.RunSpec(resolve=resolve, model_config=_parent_model,
+                           start=_start_from_parent, history=parent_metrics)
+
+
+def train(settings, log=None, progress=True):
+    """Runs (or resumes) a cooldown branch; see the module docstring.
+
+    A branch of a distillation run distils too, from its parent's teacher.
+
+    Args:
+        settings: as `resolve`'s.
+        log, progress: as `trainer.train`'s.
+
+    Returns:
+        `trainer.train`'s summary.
+
+    Example:
+    ```python
+    branch.train({"workdir": "runs/long_c2k", "branch_from": "runs/long",
+                  "cooldown_steps": 2000})
+    ```
+    """
+    spec = RUN_SPEC
+    parent, _ = locate(settings["branch_from"], settings.get("branch_step"))
+    if run_log.read_json(parent / "config.json").get("teacher"):
+        spec = distill.with_teacher(spec)
+    return trainer.train(settings, log=log, progress=progress, spec=spec)

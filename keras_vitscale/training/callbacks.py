@@ -5,12 +5,12 @@ and may be a checkpoint or evaluation step. Steps count from 1 (the step
 just finished), matching `optimizer.iterations` after it.
 """
 
-import json
 import math
 import time
 
 import keras
 
+from keras_vitscale.training import run_log
 from keras_vitscale.training.errors import NonFiniteLossError
 
 
@@ -79,8 +79,7 @@ class RunMonitor(keras.callbacks.Callback):
             row[key] = float(keras.ops.convert_to_numpy(value))
         self.last_row = row
         if self.metrics_path is not None:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            run_log.append_metrics(self.metrics_path, row)
         # Later callbacks (TensorBoard) see the same logs dict: give them
         # the throughput too.
         if logs_in is not None:

@@ -21,8 +21,9 @@ per-class Bernoulli distributions at temperature T, summed over classes (the
 way the sigmoid loss sums its per-class terms). With `--loss softmax` it is
 the KL between the softmax distributions.
 
-`train()` calls `wrap_for_training(student, config)` when `config["teacher"]`
-is set: `fit` trains the returned `DistillationModel`, while checkpoints, the
+`train(settings)` runs the trainer with this module's `RunSpec`
+(`with_teacher`): the teacher is checked before the workdir is touched, and
+`fit` trains `wrap_for_training`'s `DistillationModel`, while checkpoints, the
 final preset and few-shot use the student itself. The teacher is frozen: not
 trainable (so not in the optimizer and never checkpointed), run in inference
 mode (no dropout), its logits behind `stop_gradient`. Its variables are made
@@ -36,6 +37,7 @@ changing the teacher (resampling its position embedding would change its
 predictions without any fine-tuning). Backend-neutral: `keras.ops` only.
 """
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -45,6 +47,7 @@ from keras import ops
 from keras_vitscale import hub, presets
 from keras_vitscale.config import ViTConfig
 from keras_vitscale.model import ViT
+from keras_vitscale.training import trainer
 
 LOSS_KINDS = ("softmax", "sigmoid")
 
@@ -333,3 +336,42 @@ def wrap_for_training(student, config, log=None):
         log(f"The teacher was trained at {model.teacher_size}; each batch is resized "
             f"from {tuple(student.config.image_size)} to that size for it.")
     return model
+
+
+def with_teacher(spec=None):
+    """`spec` (default: a plain run's) that distils from the config's --teacher.
+
+    Example:
+    ```python
+    trainer.train({**settings, "teacher": "runs/digits"}, spec=with_teacher())
+    ```
+    """
+    return dataclasses.replace(spec or trainer.RunSpec(), check=check_teacher,
+                               wrap=wrap_for_training)
+
+
+def train(settings, log=None, progress=True):
+    """Runs (or resumes) a distillation run: `trainer.train` with a teacher.
+
+    Args:
+        settings: the pretraining settings plus "teacher" (required),
+            "distill_temperature" and "distill_label_weight".
+        log, progress: as `trainer.train`'s.
+
+    Returns:
+        `trainer.train`'s summary (the student's).
+
+    Raises:
+        ValueError: no teacher, or a bad one (see `check_teacher`), before
+            the workdir is touched.
+
+    Example:
+    ```python
+    train({"workdir": "runs/distilled", "teacher": "runs/digits", "variant": "mu/8",
+           "width": 32, "depth": 2})
+    ```
+    """
+    if not settings.get("teacher"):
+        raise ValueError("A distillation needs --teacher: a tools/pretrain.py workdir, a "
+                         "preset directory, hf://org/repo or a built-in preset with weights.")
+    return trainer.train(settings, log=log, progress=progress, spec=with_teacher())

@@ -8,7 +8,6 @@ Options: FlexiViT's PI-resize of the patch size, and a linear probe (only
 the head trains).
 """
 
-import json
 import math
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from keras_vitscale import data
 from keras_vitscale import schedules
 from keras_vitscale.model import ViT
+from keras_vitscale.training import run_log
 from keras_vitscale.training.errors import NonFiniteLossError
 
 
@@ -82,8 +82,7 @@ class _MetricsLog(keras.callbacks.Callback):
         row = {"step": step,
                "learning_rate": float(keras.ops.convert_to_numpy(self.schedule(step - 1)))}
         row.update({k: float(keras.ops.convert_to_numpy(v)) for k, v in (logs or {}).items()})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        run_log.append_metrics(self.path, row)
 
 
 def finetune(handle, workdir, dataset="digits", data_dir=None, image_size=None,
@@ -143,7 +142,7 @@ def finetune(handle, workdir, dataset="digits", data_dir=None, image_size=None,
     # fit "epochs" are logging intervals; gcd keeps them a whole number.
     log_every = math.gcd(steps, 10)
     workdir.mkdir(parents=True, exist_ok=True)
-    metrics_path = workdir / "metrics.jsonl"
+    metrics_path = workdir / run_log.METRICS_FILE
     metrics_path.unlink(missing_ok=True)
     train_ds = data.train_dataset(source, batch_size, size, seed)
     eval_ds = data.eval_dataset(source, batch_size, size)
@@ -155,7 +154,7 @@ def finetune(handle, workdir, dataset="digits", data_dir=None, image_size=None,
     model.fit(train_ds, epochs=epochs, steps_per_epoch=log_every, validation_data=eval_ds,
               validation_freq=[epochs], callbacks=[_MetricsLog(metrics_path, schedule, log_every)],
               shuffle=False, verbose=0)  # the stream is already shuffled, seeded
-    final = json.loads(metrics_path.read_text().strip().splitlines()[-1])
+    final = run_log.read_metrics(metrics_path)[-1]
     model.save_to_preset(str(workdir / "model"), metadata={"finetuning": {
         "from": str(handle), "dataset": dataset, "steps": steps, "batch_size": batch_size,
         "lr": lr, "warmup_steps": warmup, "linear_probe": bool(linear_probe),

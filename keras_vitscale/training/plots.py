@@ -1,6 +1,6 @@
 """curves.png: loss, accuracy and learning rate against steps (matplotlib Agg)."""
 
-import json
+from keras_vitscale.training import run_log
 
 
 def plot_curves(metrics_path, out_path):
@@ -10,8 +10,7 @@ def plot_curves(metrics_path, out_path):
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
 
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = run_log.read_metrics(metrics_path)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     panels = ((axes[0], ("loss", "val_loss"), "loss"),
               (axes[1], ("accuracy", "val_accuracy"), "accuracy"),

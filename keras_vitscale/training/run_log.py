@@ -11,6 +11,8 @@ import logging
 import os
 from pathlib import Path
 
+from keras_vitscale.training.errors import IncompatibleWorkdirError
+
 logger = logging.getLogger("keras_vitscale")
 
 METRICS_FILE = "metrics.jsonl"
@@ -23,8 +25,12 @@ def write_json_atomic(path, value):
     Non-finite floats are refused: JSON has no NaN, and a file other tools
     cannot parse is worse than an error.
     """
+    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True, allow_nan=False))
+
+
+def write_text_atomic(path, text):
+    """Writes `text` to `path` through a temporary file and a rename."""
     path = Path(path)
-    text = json.dumps(value, indent=2, sort_keys=True, allow_nan=False)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         tmp.write_text(text)
@@ -68,13 +74,7 @@ def append_metrics(path, row):
 
 def write_metrics(path, rows):
     """Writes `rows` as the whole metrics.jsonl file, atomically."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def trim_metrics(path, step):
@@ -83,3 +83,51 @@ def trim_metrics(path, step):
     path = Path(path)
     if path.exists():
         write_metrics(path, [row for row in read_metrics(path) if row["step"] <= step])
+
+
+def check_workdir(workdir, record, differences, held, foreign):
+    """Whether `workdir` holds this run (resume) or nothing yet (a new run).
+
+    The one workdir check of the trainer and the scaling study: a workdir is
+    resumed only when its record file (config.json, study.json) has no
+    differences from this run's settings, and a directory holding something
+    else is never written into.
+
+    Args:
+        workdir: the run's directory (it need not exist).
+        record: the record file's name inside it.
+        differences: function of the stored record -> list of difference
+            lines (empty: the same run).
+        held: what a differing record holds, for the error ("a run with a
+            different config").
+        foreign: function of the workdir (with no record) -> a description
+            of what is there that makes it unusable, or None.
+
+    Returns:
+        True to resume, False for a new run.
+
+    Raises:
+        IncompatibleWorkdirError: the record differs (each difference is
+            named), or the directory holds something else.
+
+    Example:
+    ```python
+    resuming = check_workdir(Path("runs/x"), "config.json",
+                             lambda old: settings.differences(old, config),
+                             "a run with a different config", lambda w: None)
+    ```
+    """
+    workdir = Path(workdir)
+    path = workdir / record
+    if not path.exists():
+        found = foreign(workdir)
+        if found:
+            raise IncompatibleWorkdirError(f"--workdir {workdir} {found}; use a new --workdir.")
+        return False
+    diffs = differences(read_json(path))
+    if diffs:
+        raise IncompatibleWorkdirError(
+            f"--workdir {workdir} holds {held}; refusing to overwrite it. Differences:\n  "
+            + "\n  ".join(diffs)
+            + "\nRerun with the same settings to resume it, or choose a new --workdir.")
+    return True

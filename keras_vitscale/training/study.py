@@ -42,26 +42,33 @@ from keras_vitscale.training import study
 result = study.run({"workdir": "runs/scaling_study"})   # the default study
 result["fits"]["heldout_error"]["fit"].b
 ```
+The CSV, frontier, fits, plot and tables are in `training/study_report.py`;
+this module plans and runs the study's training runs.
+
+Example:
+```python
+from keras_vitscale.training import study_report
+print(study_report.format_table(study_report.read_csv("runs/scaling_study/study.csv"), 10))
+```
 """
 
-import csv
-import io
 import json
 import math
-import os
 import time
 from pathlib import Path
 
-from keras_vitscale import scaling
 from keras_vitscale.config import ViTConfig
 from keras_vitscale.config import parse_variant
-from keras_vitscale.training import config as config_lib
+from keras_vitscale.training import run_log
+from keras_vitscale.training import settings as settings_lib
 from keras_vitscale.training.checkpoint import CheckpointManager
 from keras_vitscale.training.errors import IncompatibleWorkdirError
+from keras_vitscale.training.study_report import fit_record
+from keras_vitscale.training.study_report import fit_study
+from keras_vitscale.training.study_report import plot_study
+from keras_vitscale.training.study_report import read_branch
+from keras_vitscale.training.study_report import write_csv
 
-# A backward pass costs about two forward passes (the gradients with respect
-# to activations and to weights each take one matmul per forward matmul).
-TRAINING_FLOPS_PER_FORWARD = 3
 KIND = "keras_vitscale scaling study"
 # The parent checkpoints every gcd(branch steps) steps and keeps them all;
 # more than this many means branch steps with a small common divisor.
@@ -201,7 +208,7 @@ def resolve(settings):
     plan = {v: _plan(v, study["branch_steps"][v], study) for v in variants}
     for variant in variants:  # the model and training settings, checked now
         settings = _parent_settings(study, variant, plan[variant], Path(study["workdir"]))
-        config_lib.resolve(settings)
+        settings_lib.resolve(settings)
         ViTConfig.from_variant(variant, num_classes=10, **_model_fields(study))
     return json.loads(json.dumps(study)), plan
 
@@ -291,284 +298,27 @@ def _branch_settings(study, parent, step, cooldown, workdir):
 
 def _check_workdir(workdir, study):
     """Refuses a workdir holding another study, or anything but a study."""
-    path = workdir / "study.json"
-    if path.exists():
-        old = json.loads(path.read_text())
+    def differences(old):
         if old.get("kind") != KIND:
-            raise IncompatibleWorkdirError(f"{path} is not a scaling study's record; use a "
-                                           "new --workdir.")
+            raise IncompatibleWorkdirError(f"{workdir / 'study.json'} is not a scaling "
+                                           "study's record; use a new --workdir.")
         new = {k: v for k, v in study.items() if k not in RESUMABLE}
         old_settings = {k: v for k, v in old["settings"].items() if k not in RESUMABLE}
-        diffs = [f"{k}: workdir has {old_settings.get(k)!r}, this study has {new.get(k)!r}"
-                 for k in sorted(set(new) | set(old_settings))
-                 if old_settings.get(k) != new.get(k)]
-        if diffs:
-            raise IncompatibleWorkdirError(
-                f"--workdir {workdir} holds another scaling study; refusing to mix their "
-                "runs. Differences:\n  " + "\n  ".join(diffs)
-                + "\nRerun with that study's settings to resume it, or choose a new --workdir.")
-        return True
-    if workdir.exists():
-        entries = sorted(p.name for p in workdir.iterdir())
+        return [f"{k}: workdir has {old_settings.get(k)!r}, this study has {new.get(k)!r}"
+                for k in sorted(set(new) | set(old_settings))
+                if old_settings.get(k) != new.get(k)]
+
+    def foreign(path):
+        entries = sorted(p.name for p in path.iterdir()) if path.exists() else []
         if entries:
-            raise IncompatibleWorkdirError(
-                f"--workdir {workdir} is not empty ({', '.join(entries[:5])}"
-                f"{', ...' if len(entries) > 5 else ''}) and has no study.json, so it is not "
-                "a scaling study this one could resume; use a new or empty --workdir.")
-    return False
-
-
-def _write_atomic(path, text):
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def error_columns(shots):
-    """The CSV columns holding the errors the study fits."""
-    return ("heldout_error", f"fewshot{shots}_error")
-
-
-def read_branch(workdir, variant, shots):
-    """A finished branch's CSV row, read from its workdir; None if unfinished.
-
-    A branch is finished once its few-shot results are written: the trainer
-    writes fewshot.json last, after the final evaluation and checkpoint.
-
-    Args:
-        workdir: the branch's run directory.
-        variant: its variant name (the row's label).
-        shots: the few-shot column to read.
-
-    Returns:
-        {"variant", "params", "forward_flops_per_image", "branch_step",
-        "cooldown_steps", "steps", "batch_size", "images_seen",
-        "training_flops", "heldout_error", "fewshotK_error"} or None.
-
-    Example:
-    ```python
-    read_branch("runs/study/runs/Ti/branch_00000080", "Ti", 10)["training_flops"]
-    ```
-    """
-    workdir = Path(workdir)
-    paths = [workdir / n for n in ("config.json", "metrics.jsonl", "fewshot.json")]
-    if not all(p.exists() for p in paths):
+            return (f"is not empty ({', '.join(entries[:5])}"
+                    f"{', ...' if len(entries) > 5 else ''}) and has no study.json, so it "
+                    "is not a scaling study this one could resume")
         return None
-    config = json.loads(paths[0].read_text())
-    lines = paths[1].read_text().strip().splitlines()
-    last = json.loads(lines[-1]) if lines else {}
-    fewshot = json.loads(paths[2].read_text())
-    if last.get("step") != config["steps"] or "val_accuracy" not in last \
-            or str(shots) not in fewshot:
-        return None
-    vit = ViTConfig.from_dict(config["model"])
-    forward = vit.flops_per_image()
-    images = config["steps"] * config["batch_size"]
-    return {"variant": variant, "params": vit.count_params(),
-            "forward_flops_per_image": forward, "branch_step": config["branch"]["step"],
-            "cooldown_steps": config["cooldown_steps"], "steps": config["steps"],
-            "batch_size": config["batch_size"], "images_seen": images,
-            "training_flops": TRAINING_FLOPS_PER_FORWARD * forward * images,
-            "heldout_error": 1.0 - float(last["val_accuracy"]),
-            f"fewshot{shots}_error": 1.0 - float(fewshot[str(shots)])}
 
-
-def write_csv(rows, path):
-    """Writes the rows (dicts with the same keys) to a CSV file, atomically."""
-    if not rows:
-        return
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    _write_atomic(path, out.getvalue())
-
-
-def read_csv(path):
-    """study.csv back as rows, numbers as int or float."""
-    def number(text):
-        try:
-            return int(text)
-        except ValueError:
-            try:
-                return float(text)
-            except ValueError:
-                return text
-
-    with open(path, newline="") as f:
-        return [{k: number(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def pareto_frontier(compute, error):
-    """Indices of the compute-optimal points: those whose error is lower than
-    that of every point with less or equal compute; by increasing compute.
-
-    Example:
-    ```python
-    pareto_frontier([1, 2, 3, 4], [0.5, 0.6, 0.3, 0.3])  # [0, 2]
-    ```
-    """
-    order = sorted(range(len(compute)), key=lambda i: (compute[i], error[i]))
-    frontier, best = [], math.inf
-    for i in order:
-        if error[i] < best:
-            frontier.append(i)
-            best = error[i]
-    return frontier
-
-
-def fit_frontier(compute, error):
-    """Fits the saturating power law to the frontier of (compute, error).
-
-    Points with zero error are left out (the fit is on a log scale). The
-    form follows the frontier's size: 4+ points E = a (C + d)^-b + c, 3
-    points E = a C^-b + c, 2 points E = a C^-b, fewer no fit.
-
-    Args:
-        compute, error: one value per branch.
-
-    Returns:
-        {"fit": a `PowerLawFit` or None, "frontier": indices into the
-        inputs, "note": what was left out or why there is no fit ("" if
-        nothing)}.
-
-    Example:
-    ```python
-    fit_frontier(rows_compute, rows_error)["fit"].b
-    ```
-    """
-    notes = []
-    kept = [i for i, e in enumerate(error) if e > 0]
-    if len(kept) < len(error):
-        notes.append(f"{len(error) - len(kept)} point(s) with zero error left out")
-    frontier = [kept[i] for i in pareto_frontier([compute[i] for i in kept],
-                                                 [error[i] for i in kept])]
-    x = [compute[i] for i in frontier]
-    y = [error[i] for i in frontier]
-    fit = None
-    try:
-        if len(frontier) >= 4:
-            fit = scaling.fit_power_law(x, y)
-        elif len(frontier) == 3:
-            fit = scaling.fit_power_law(x, y, fit_shift=False)
-            notes.append("3 frontier points: d held at 0")
-        elif len(frontier) == 2:
-            fit = scaling.fit_plain_power_law(x, y)
-            notes.append("2 frontier points: plain power law only")
-        else:
-            notes.append(f"{len(frontier)} frontier point(s): nothing to fit")
-    except (ValueError, RuntimeError) as err:  # report it, keep the study's data
-        notes.append(f"fit failed: {err}")
-    if fit is not None and len(frontier) <= 4:
-        # As many points as parameters: the curve passes through every point
-        # and the standard errors are undefined (printed as nan).
-        notes.append("an exact fit, no uncertainty")
-    return {"fit": fit, "frontier": frontier, "note": "; ".join(notes)}
-
-
-def fit_study(rows, shots):
-    """`fit_frontier` of each error column against training FLOPs.
-
-    Returns:
-        {column: fit_frontier's dict}.
-    """
-    compute = [float(r["training_flops"]) for r in rows]
-    return {column: fit_frontier(compute, [float(r[column]) for r in rows])
-            for column in error_columns(shots)}
-
-
-def _fit_record(result, rows, column):
-    fit = result["fit"]
-    record = {"note": result["note"],
-              "frontier": [{k: rows[i][k] for k in ("variant", "branch_step", "training_flops",
-                                                    column)} for i in result["frontier"]]}
-    if fit is not None:
-        record.update(form=fit.form, a=fit.a, b=fit.b, c=fit.c, d=fit.d, stderr=fit.stderr,
-                      rms_log_residual=fit.rms_log_residual)
-        if fit.plain is not None:
-            record["plain"] = dict(a=fit.plain.a, b=fit.plain.b, stderr=fit.plain.stderr,
-                                   rms_log_residual=fit.plain.rms_log_residual)
-    return record
-
-
-def plot_study(rows, fits, out, shots):
-    """study.png: one panel per error, against training FLOPs on log-log axes.
-
-    Each variant's branches are joined in its own colour; the frontier
-    points are ringed; the fitted law (black), the plain power law (grey,
-    dashed) and the fitted floor c (dotted) are drawn over them.
-
-    Args:
-        rows: the study's rows.
-        fits: `fit_study`'s result.
-        out: the image path.
-        shots: the few-shot column's k.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    titles = {"heldout_error": "held-out error", f"fewshot{shots}_error": f"{shots}-shot error"}
-    columns = error_columns(shots)
-    fig, axes = plt.subplots(1, len(columns), figsize=(6 * len(columns), 4.8))
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    for ax, column in zip(axes, columns):
-        for k, variant in enumerate(variants):
-            points = sorted((r["training_flops"], r[column], r["params"]) for r in rows
-                            if r["variant"] == variant and r[column] > 0)
-            if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{k}",
-                        label=f"{variant} ({points[0][2] / 1e6:.2g}M params)")
-        result = fits[column]
-        frontier = result["frontier"]
-        ax.scatter([rows[i]["training_flops"] for i in frontier],
-                   [rows[i][column] for i in frontier], s=150, facecolors="none",
-                   edgecolors="black", zorder=3, label="frontier (fitted)")
-        if result["fit"] is not None:
-            scaling.plot_fit(ax, result["fit"], [r["training_flops"] for r in rows],
-                             extrapolate=3.0, color="black", plain_color="gray")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("training FLOPs (3 x forward x images seen)")
-        ax.set_ylabel(titles[column])
-        ax.set_title(titles[column] + (f"\n({result['note']})" if result["note"] else ""),
-                     fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
-def format_table(rows, shots):
-    """The rows as a Markdown table (FLOPs in scientific notation).
-
-    Example:
-    ```python
-    print(format_table(read_csv("runs/study/study.csv"), 10))
-    ```
-    """
-    k = f"fewshot{shots}_error"
-    lines = ["| variant | params | branch step | cooldown | steps | training FLOPs "
-             f"| held-out error | {shots}-shot error |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r['params']:,} | {r['branch_step']} | "
-                     f"{r['cooldown_steps']} | {r['steps']} | {r['training_flops']:.3e} | "
-                     f"{r['heldout_error']:.4f} | {r[k]:.4f} |")
-    return "\n".join(lines)
-
-
-def format_fits(fits):
-    """The fitted parameters of each error, as plain text."""
-    blocks = []
-    for column, result in fits.items():
-        head = f"{column} (frontier of {len(result['frontier'])} points"
-        head += f"; {result['note']})" if result["note"] else ")"
-        body = str(result["fit"]) if result["fit"] is not None else "no fit"
-        blocks.append(head + "\n" + body)
-    return "\n\n".join(blocks)
+    return run_log.check_workdir(workdir, "study.json", differences,
+                                 "another scaling study (refusing to mix their runs)",
+                                 foreign)
 
 
 def run(settings, log=None, progress=True):
@@ -602,7 +352,7 @@ def run(settings, log=None, progress=True):
     """
     import keras
 
-    from keras_vitscale.training.trainer import train
+    from keras_vitscale.training.runs import train
 
     log = log or (lambda msg: print(msg, flush=True))
     started = time.perf_counter()
@@ -613,7 +363,7 @@ def run(settings, log=None, progress=True):
     if not resuming:
         record = {"kind": KIND, "settings": study, "plan": plan,
                   "backend": keras.backend.backend()}
-        _write_atomic(workdir / "study.json", json.dumps(record, indent=2))
+        run_log.write_json_atomic(workdir / "study.json", record)
     shots = study["shots"]
     total = sum(1 + len(p["branch_steps"]) for p in plan.values())
     count, trained, rows = 0, 0, []
@@ -651,8 +401,8 @@ def run(settings, log=None, progress=True):
             rows.append(row)
             write_csv(rows, workdir / "study.csv")
     fits = fit_study(rows, shots)
-    record = {column: _fit_record(result, rows, column) for column, result in fits.items()}
-    _write_atomic(workdir / "fit.json", json.dumps(record, indent=2))
+    record = {column: fit_record(result, rows, column) for column, result in fits.items()}
+    run_log.write_json_atomic(workdir / "fit.json", record)
     plot_study(rows, fits, workdir / "study.png", shots)
     return {"rows": rows, "fits": fits, "plan": plan, "settings": study, "workdir": workdir,
             "trained": trained, "seconds": round(time.perf_counter() - started, 1)}

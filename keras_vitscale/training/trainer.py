@@ -1,33 +1,72 @@
 """`train(settings)`: one pretraining run around `model.fit`, resumable.
 
-Order of work: resolve the config, check the workdir, set up the device
-mesh, build data, model and optimizer, restore the newest valid checkpoint,
-`fit` the remaining steps, then write the preset, curves.png and few-shot
-results. Everything lands in the workdir (see `tools/pretrain.py --help`).
+One straight path: settings -> devices -> data -> model -> optimizer ->
+restore -> fit -> save (the preset, curves.png and few-shot results).
+Everything lands in the workdir (see `tools/pretrain.py --help`). A run
+that starts elsewhere or trains something around the model supplies what
+differs through a `RunSpec`: a cooldown branch (`training/branch.py`) its
+settings, starting checkpoint and the parent's metrics rows; a distillation
+(`training/distill.py`) a check of its teacher and the wrapped model `fit`
+trains.
 """
 
-import json
-import os
+import dataclasses
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
+from typing import Optional
 
 import keras
 
 from keras_vitscale import data
-from keras_vitscale import schedules
+from keras_vitscale import hub
+from keras_vitscale import presets
+from keras_vitscale.evaluation.on_source import fewshot_on_source
 from keras_vitscale.model import ViT
-from keras_vitscale.config import ViTConfig
-from keras_vitscale.training import branch
-from keras_vitscale.training import config as config_lib
 from keras_vitscale.training import devices
 from keras_vitscale.training import losses
-from keras_vitscale.training import run_logging
+from keras_vitscale.training import run_log
+from keras_vitscale.training import settings as settings_lib
+from keras_vitscale.training import trackers
 from keras_vitscale.training.callbacks import RunMonitor
 from keras_vitscale.training.checkpoint import CheckpointManager
-from keras_vitscale.training.errors import IncompatibleWorkdirError
 from keras_vitscale.training.plots import plot_curves
+from keras_vitscale.training.settings import build_schedule  # noqa: F401 (public here too)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """What a kind of run supplies to `train`; the defaults are a plain run.
+
+    Args:
+        resolve: settings -> (config, explicit keys); default
+            `settings.resolve`.
+        model_config: (config, explicit keys) -> the `ViTConfig` to build;
+            default `settings.model_config`.
+        check: config -> None, raising ValueError; runs after the model's
+            config is known and before the workdir is touched.
+        wrap: (model, config, log) -> the model `fit` trains (checkpoints,
+            the preset and few-shot use the model itself).
+        start: (config, model, optimizer, log) -> the step to start from,
+            when the run has no checkpoint of its own (default: 0).
+        history: config -> metrics rows that precede the run's start (the
+            first lines of a new metrics.jsonl).
+
+    Example:
+    ```python
+    spec = RunSpec(check=lambda config: None)
+    train({"workdir": "runs/digits"}, spec=spec)
+    ```
+    """
+
+    resolve: Callable = settings_lib.resolve
+    model_config: Callable = settings_lib.model_config
+    check: Optional[Callable] = None
+    wrap: Optional[Callable] = None
+    start: Optional[Callable] = None
+    history: Optional[Callable] = None
 
 
 def build_optimizer(config, schedule):
@@ -57,52 +96,19 @@ def build_optimizer(config, schedule):
     return shampoo(schedule, **kwargs)
 
 
-def build_schedule(config):
-    extra = {"timescale": config["rsqrt_timescale"]} if config["schedule"] == "rsqrt" else {}
-    return schedules.create(config["schedule"], config["lr"], config["steps"],
-                            warmup_steps=config["warmup_steps"],
-                            cooldown_steps=config["cooldown_steps"], **extra)
-
-
-def _write_json_atomic(path, value):
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def _check_workdir(workdir, config):
-    path = workdir / "config.json"
-    if not path.exists():
-        if (workdir / "checkpoints").is_dir():
-            raise IncompatibleWorkdirError(
-                f"{workdir} has checkpoints but no config.json, so it cannot be checked "
-                "against this run; use a new --workdir.")
-        return False
-    with open(path) as f:
-        old = json.load(f)
-    diffs = config_lib.differences(old, config)
-    if diffs:
-        raise IncompatibleWorkdirError(
-            f"--workdir {workdir} holds a run with a different config; refusing to "
-            "overwrite it. Differences:\n  " + "\n  ".join(diffs)
-            + "\nRerun with the same settings to resume it, or choose a new --workdir.")
-    return True
+    def foreign(path):
+        if (path / "checkpoints").is_dir():
+            return ("has checkpoints but no config.json, so it cannot be checked against "
+                    "this run")
+        return None
 
-
-def _trim_metrics(path, step):
-    """Drops metrics logged after `step` (the run died after its checkpoint)."""
-    if not path.exists():
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(rows)
+    return run_log.check_workdir(workdir, "config.json",
+                                 lambda old: settings_lib.differences(old, config),
+                                 "a run with a different config", foreign)
 
 
 def _build_model(config, vit_config):
-    from keras_vitscale import hub, presets
-
     model = ViT(config=vit_config, dtype=config["dtype_policy"])
     preset = config.get("preset")
     if preset and preset not in presets.REGISTRY:  # a preset dir: start from its weights
@@ -112,19 +118,15 @@ def _build_model(config, vit_config):
     return model
 
 
-def _restore(config, workdir, manager, model, optimizer, resuming, log):
-    """Restores the run's newest checkpoint, or a branch's parent checkpoint
-    when the branch has none of its own; returns the step to start from."""
+def _restore(spec, config, workdir, manager, model, optimizer, resuming, log):
+    """Restores the run's newest checkpoint, or asks the spec where a run
+    without one starts; returns the step to start from."""
     meta = manager.restore_latest(model, optimizer) if resuming else None
     if meta:
         log(f"Resuming from {manager.path(int(meta['step']))} (step {meta['step']}).")
         return int(meta["step"])
-    if "branch" in config:
-        parent, step = config["branch"]["parent"], config["branch"]["step"]
-        CheckpointManager(parent).restore_latest(model, optimizer, step=step)
-        log(f"Branching from {parent} at step {step}: cooldown to 0 over "
-            f"{config['cooldown_steps']} steps, ending at step {config['steps']}.")
-        return step
+    if spec.start is not None:
+        return spec.start(config, model, optimizer, log)
     if resuming:
         log(f"{workdir} has this run's config but no checkpoint yet; starting at step 0.")
     return 0
@@ -143,37 +145,7 @@ def _save_final_preset(model, config, directory, chief):
             shutil.rmtree(target, ignore_errors=True)
 
 
-def fewshot_on_source(model, source, image_size, shots=(1, 5, 10), seeds=3, l2_reg=2.0**10,
-                      progress=False):
-    """Few-shot linear evaluation of a classifier's pre-logits features.
-
-    The few-shot train examples come from the source's training split, the
-    test examples from its held-out split.
-
-    Args:
-        model: a `kvs.ViT` (its head's input is the feature).
-        source: a `kvs.data.Source`.
-        image_size: (h, w) of the model.
-        shots, seeds, l2_reg: see `kvs.evaluation.fewshot`.
-        progress: progress bars over feature extraction.
-
-    Returns:
-        A `FewShotResult`.
-    """
-    from keras_vitscale import evaluation
-
-    features = model
-    if model.config.num_classes:
-        features = keras.Model(model.inputs, model.get_layer("head").input)
-    train = data.eval_dataset(source, 256, image_size, one_hot=False, split=source.train)
-    test = data.eval_dataset(source, 256, image_size, one_hot=False)
-    x_train, y_train = evaluation.extract_features(features, train, progress=progress)
-    x_test, y_test = evaluation.extract_features(features, test, progress=progress)
-    return evaluation.fewshot(x_train, y_train, x_test, y_test, shots=shots, seeds=seeds,
-                              l2_reg=l2_reg, num_classes=source.num_classes)
-
-
-def train(settings, log=None, progress=True):
+def train(settings, log=None, progress=True, spec=None):
     """Runs (or resumes) a pretraining run; returns a summary dict.
 
     Args:
@@ -181,13 +153,15 @@ def train(settings, log=None, progress=True):
             given); "workdir" is required. See `tools/pretrain.py --help`.
         log: a function taking a message (default: print to stdout).
         progress: show a progress bar.
+        spec: a `RunSpec` for a run that is not a plain pretraining run
+            (`branch.train` and `distill.train` pass theirs).
 
     Returns:
         {"step", "val_accuracy", "val_loss", "fewshot" (a FewShotResult or
         None), "seconds", "resumed_from"}.
 
     Raises:
-        ValueError: bad settings, named, before any training.
+        ValueError: bad settings, named, before anything is written.
         IncompatibleWorkdirError: the workdir holds a different run.
         NonFiniteLossError: the loss became NaN/inf (the step is named).
         CheckpointError: checkpoints exist but none can be restored.
@@ -199,49 +173,38 @@ def train(settings, log=None, progress=True):
     summary["val_accuracy"]
     ```
     """
+    spec = spec or RunSpec()
     log = log or (lambda msg: print(msg, flush=True))
     started = time.perf_counter()
-    if settings.get("branch_from"):
-        config, explicit = branch.resolve(settings)
-    else:
-        config, explicit = config_lib.resolve(settings)
+    # Settings: every one is checked before anything is written.
+    config, explicit = spec.resolve(settings)
     if not config.get("workdir"):
         raise ValueError("--workdir is required: every run writes its config, "
                          "checkpoints and metrics there.")
     workdir = Path(config["workdir"]).expanduser()
-    if config["steps"] % config["log_every"]:
-        raise ValueError(f"--steps {config['steps']} is not a multiple of --log-every "
-                         f"{config['log_every']}; use a multiple, e.g. --steps "
-                         f"{config['steps'] - config['steps'] % config['log_every']}.")
     size = (int(config["image_size"]),) * 2
-    data.parse_augment(config["augment"])  # fail on a bad spec before any work
-    run_logging.check_available(config)
-    process_index, process_count = devices.process_info()
-    # In a multi-process run every process trains, evaluates and
+    data.parse_augment(config["augment"])
+    trackers.check_available(config)
+    # Devices. In a multi-process run every process trains, evaluates and
     # checkpoints (Orbax coordinates); only process 0 writes the workdir's
     # other files.
+    process_index, process_count = devices.process_info()
     chief = process_index == 0
     # The strategy scope (TF) is where model and optimizer variables must be
     # made; JAX's distribution is global and its scope is a no-op.
     scope = devices.setup(config["mesh"], config["batch_size"], tpu=config["tpu"])
+    # Data, and the model it fixes (the number of classes).
     source = data.load_source(config["dataset"], config["data_dir"],
                               num_classes=config.get("num_classes"), image_size=size)
     config["num_classes"] = source.num_classes
-    if "branch" in config:  # the parent's model, whatever flags made it
-        vit_config = ViTConfig.from_dict(config["model"])
-    else:
-        vit_config = config_lib.model_config(config, explicit)
-    config["model"] = vit_config.to_dict()
-    if config.get("preset"):
-        config["variant"] = None
-    if config.get("teacher"):  # a bad teacher fails before the workdir is touched
-        from keras_vitscale.training import distill
-
-        distill.check_teacher(config)
+    vit_config = spec.model_config(config, explicit)
+    settings_lib.record_model(config, vit_config)
+    if spec.check is not None:
+        spec.check(config)
     resuming = _check_workdir(workdir, config)
     workdir.mkdir(parents=True, exist_ok=True)
     if not resuming and chief:
-        _write_json_atomic(workdir / "config.json", config)
+        run_log.write_json_atomic(workdir / "config.json", config)
 
     keras.utils.set_random_seed(config["seed"])
     with scope:
@@ -249,25 +212,18 @@ def train(settings, log=None, progress=True):
         devices.check_model_parallel(model, config["mesh"])
         schedule = build_schedule(config)
         optimizer = build_optimizer(config, schedule)
-        # What `fit` trains: the model, or a distillation wrapper around it
-        # (checkpoints, the preset and few-shot always use the model itself).
-        fit_model = model
-        if config.get("teacher"):
-            from keras_vitscale.training import distill
-
-            fit_model = distill.wrap_for_training(model, config, log=log)
+        fit_model = spec.wrap(model, config, log) if spec.wrap is not None else model
         fit_model.compile(optimizer=optimizer, loss=losses.get(config["loss"]),
                           # weighted: padded eval examples (weight 0) are not counted
                           weighted_metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
         optimizer.build(fit_model.trainable_variables)
         manager = CheckpointManager.for_run(workdir, config["keep_checkpoints"], process_count)
-        start = _restore(config, workdir, manager, model, optimizer, resuming, log)
-    metrics_path = workdir / "metrics.jsonl"
+        start = _restore(spec, config, workdir, manager, model, optimizer, resuming, log)
+    metrics_path = workdir / run_log.METRICS_FILE
     if chief:
-        if "branch" in config:
-            branch.copy_parent_metrics(config["branch"]["parent"], config["branch"]["step"],
-                                       metrics_path)
-        _trim_metrics(metrics_path, start)
+        if spec.history is not None and not metrics_path.exists():
+            run_log.write_metrics(metrics_path, spec.history(config))
+        run_log.trim_metrics(metrics_path, start)
 
     steps, log_every = config["steps"], config["log_every"]
     train_ds = data.train_dataset(
@@ -281,7 +237,7 @@ def train(settings, log=None, progress=True):
     epochs = steps // log_every
     eval_epochs = [e for e in range(start // log_every + 1, epochs + 1)
                    if (e * log_every) % config["eval_every"] == 0 or e == epochs]
-    loggers = run_logging.create(config, workdir) if chief else run_logging.RunLoggers()
+    loggers = trackers.create(config, workdir) if chief else trackers.RunLoggers()
     monitor = RunMonitor(config, start, schedule, manager, metrics_path if chief else None,
                          progress=progress and chief, row_sinks=loggers.row_sinks,
                          student=model)
@@ -297,22 +253,22 @@ def train(settings, log=None, progress=True):
     else:
         final = {"step": start, **{f"val_{k}": float(v) for k, v in fit_model.evaluate(
             eval_ds, verbose=0, return_dict=True).items()}}
+    # Save.
     _save_final_preset(model, config, workdir / "model", chief)
     if chief:
         plot_curves(metrics_path, workdir / "curves.png")
     summary = {"step": final["step"], "val_accuracy": final.get("val_accuracy"),
                "val_loss": final.get("val_loss"), "resumed_from": start if resuming else None,
                "fewshot": None}
-    if config["fewshot"] != "none":
-        shots = [int(s) for s in str(config["fewshot"]).split(",")]
-        result = fewshot_on_source(model, source, (config["image_size"],) * 2, shots)
+    shots = settings_lib.parse_fewshot(config["fewshot"])
+    if shots:
+        result = fewshot_on_source(model, source, size, shots)
         summary["fewshot"] = result
-        if result is not None and chief:
-            _write_json_atomic(workdir / "fewshot.json",
-                               {str(k): v for k, v in result.mean.items()})
+        if chief:
+            run_log.write_json_atomic(workdir / "fewshot.json",
+                                      {str(k): v for k, v in result.mean.items()})
             loggers.log_fewshot(result, final["step"])
     loggers.finish()
     devices.wait_for_all_processes("keras_vitscale.train:end")
     summary["seconds"] = round(time.perf_counter() - started, 1)
     return summary
-

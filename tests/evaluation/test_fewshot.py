@@ -26,7 +26,8 @@ def _clusters(num_classes, per_class, dim, spread, seed, test_per_class=0):
 
 
 def _big_vision_design(x, x_train):
-    # Written from REFERENCE.md section 5, independently of the package.
+    # big_vision's few-shot design matrix (standardised features plus a bias
+    # column of 100), written independently of the package.
     mean, std = x_train.mean(0), x_train.std(0) + 1e-5
     return np.hstack([(x - mean) / std, np.full((len(x), 1), 100.0)])
 

@@ -6,9 +6,13 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
 
 import keras_vitscale as kvs
 from keras_vitscale import data
+
+# Orchestration (training runs, tools): run once, on JAX.
+pytestmark = pytest.mark.integration
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "fewshot.py"
 
@@ -44,3 +48,13 @@ def test_tool_prints_the_library_result(tmp_path, capsys):
         assert abs(rows[shot] - mean) < 1e-4
     # Random features of 10 digit classes are far from perfect but above chance.
     assert 0.1 < rows[3] < 0.99
+
+
+def test_missing_workdir_and_zero_shots_are_bad_settings(tmp_path, capsys):
+    assert _tool().main(["--workdir", str(tmp_path / "nowhere")]) == 2
+    assert "has no final model" in capsys.readouterr().err
+    model = kvs.ViT(variant="mu/8", image_size=16, num_classes=10)
+    model.save_to_preset(tmp_path / "preset")
+    assert _tool().main(["--preset", str(tmp_path / "preset"), "--shots", "0"]) == 2
+    assert "--shots [0]" in capsys.readouterr().err
+    assert _tool().main(["--preset", str(tmp_path / "preset"), "--shots", "1,x"]) == 2

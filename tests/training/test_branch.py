@@ -12,6 +12,9 @@ import pytest
 from keras_vitscale.training import CheckpointManager, train
 from keras_vitscale.training.trainer import build_schedule
 
+# Orchestration (training runs, tools): run once, on JAX.
+pytestmark = pytest.mark.integration
+
 # A constant-schedule parent with checkpoints every 8 steps; branches cool
 # down over 8 steps.
 TINY = dict(variant="mu", patch_size=4, image_size=16, batch_size=16, log_every=4,

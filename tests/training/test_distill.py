@@ -9,6 +9,7 @@ a test).
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import keras
@@ -49,6 +50,10 @@ def _one_torch_thread():
 
 
 def _tool():
+    # tools/distill.py imports its neighbour pretrain.py, as it does when run
+    # as a script (Python puts the script's directory on sys.path).
+    if str(ROOT / "tools") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tools"))
     spec = importlib.util.spec_from_file_location("distill_tool", ROOT / "tools" / "distill.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -159,6 +164,7 @@ def test_teacher_is_frozen_and_outside_the_optimizer(tmp_path, rng):
     assert sum(changed) > len(changed) // 2
 
 
+@pytest.mark.integration
 def test_bad_teachers_fail_before_training(teacher_workdir, tmp_path, capsys):
     workdir, _ = teacher_workdir
     # 10-class teacher, 5-class data: the tool stops with status 2 and no
@@ -184,6 +190,7 @@ def test_bad_teachers_fail_before_training(teacher_workdir, tmp_path, capsys):
     assert _tool().main(["--teacher", str(workdir), "--variant", "mu", "--student", "mu"]) == 2
 
 
+@pytest.mark.integration
 def test_tool_help_lists_the_distillation_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
         _tool().main(["--help"])
@@ -194,6 +201,7 @@ def test_tool_help_lists_the_distillation_flags(capsys):
         assert flag in out, flag
 
 
+@pytest.mark.integration
 def test_distilled_student_on_digits(teacher_workdir, tmp_path, capsys):
     workdir, teacher_accuracy = teacher_workdir
     assert teacher_accuracy > 0.85  # a teacher worth distilling

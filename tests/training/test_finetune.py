@@ -70,6 +70,7 @@ def pretrained(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.integration
 def test_finetune_at_higher_resolution_learns(pretrained, tmp_path, capsys):
     out = tmp_path / "ft"
     code = _tool().main(["--from-workdir", str(pretrained), "--image-size", "24",
@@ -88,6 +89,7 @@ def test_finetune_at_higher_resolution_learns(pretrained, tmp_path, capsys):
     assert model.get_layer("position_embedding").embedding.shape[1] == 36
 
 
+@pytest.mark.integration
 def test_linear_probe_changes_only_the_head(pretrained, tmp_path):
     out = tmp_path / "probe"
     handle = str(pretrained / "model")
@@ -108,6 +110,7 @@ def test_linear_probe_changes_only_the_head(pretrained, tmp_path):
     assert accuracy > 0.3  # chance is 0.1
 
 
+@pytest.mark.integration
 def test_resize_patch_runs_on_a_consistent_grid(pretrained, tmp_path, capsys):
     out = tmp_path / "flexi"
     assert _tool().main(["--from-workdir", str(pretrained), "--image-size", "24",
@@ -126,6 +129,7 @@ def test_resize_patch_runs_on_a_consistent_grid(pretrained, tmp_path, capsys):
     assert "--resize-patch 5 does not divide the image size 24x24" in err
 
 
+@pytest.mark.integration
 def test_resize_patch_keeps_the_tokens_of_upsampled_images(pretrained):
     # 16x16 images upsampled 1.5x to 24x24: each 4x4 patch becomes a 6x6 one,
     # so the PI-resized model sees the same tokens before the posemb.

@@ -13,6 +13,7 @@ TINY = dict(variant="mu", patch_size=4, image_size=16, batch_size=16, steps=4,
             log_every=2, checkpoint_every=4, eval_every=4, fewshot="none")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_recipe_trains_and_builds_its_model(recipe, tmp_path):
     summary = train({"workdir": str(tmp_path), "recipe": recipe, **TINY}, progress=False,

@@ -15,7 +15,7 @@ import keras_vitscale as kvs
 from keras_vitscale.training import (CheckpointError, CheckpointManager,
                                      IncompatibleWorkdirError, NonFiniteLossError,
                                      resolve, train)
-from keras_vitscale.training import config as config_lib
+from keras_vitscale.training import settings as settings_lib
 from keras_vitscale.training.trainer import build_optimizer, build_schedule
 
 TINY = dict(variant="mu", patch_size=4, image_size=16, batch_size=8, steps=4,
@@ -30,6 +30,7 @@ def _tool():
     return module
 
 
+@pytest.mark.integration
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path, capsys):
     args = ["--workdir", str(tmp_path), "--variant", "mu", "--patch-size", "4",
             "--image-size", "16", "--batch-size", "8", "--steps", "20", "--lr", "1e30",
@@ -48,6 +49,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path,
         assert all(np.isfinite(f[k]).all() for k in f.files if f[k].dtype.kind == "f")
 
 
+@pytest.mark.integration
 def test_incompatible_workdir_is_refused_and_same_config_resumes(tmp_path):
     first = train({"workdir": str(tmp_path), **TINY}, progress=False, log=lambda m: None)
     assert first["step"] == 4
@@ -95,6 +97,7 @@ def test_checkpoint_refuses_non_finite_parameters(tmp_path):
     assert CheckpointManager(tmp_path).steps() == []
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("change, match", [
     ({"dataset": "mnist"}, "Unknown dataset 'mnist'"),
     ({"recipe": "bert"}, "Unknown recipe 'bert'"),
@@ -104,11 +107,47 @@ def test_checkpoint_refuses_non_finite_parameters(tmp_path):
     ({"augment": "jitter:1"}, "Unknown augmentation 'jitter'"),
     ({"checkpoint_every": 3}, "not a multiple of --log-every 2"),
     ({"optimizer": "lamb"}, "Unknown optimizer 'lamb'"),
+    ({"lr": float("nan")}, "--lr nan must be a finite number"),
+    ({"weight_decay": -1.0}, "--weight-decay -1.0 must be a finite number and >= 0"),
+    ({"warmup_steps": 50}, "warmup"),
+    ({"fewshot": "0"}, "--fewshot"),
+    ({"fewshot": "1,x"}, "--fewshot"),
+    ({"steps": 5}, "--steps 5 is not a multiple of --log-every 2"),
 ])
 def test_bad_inputs_fail_before_training(tmp_path, change, match):
     with pytest.raises(ValueError, match=match):
-        train({"workdir": str(tmp_path), **TINY, **change}, progress=False)
-    assert not (tmp_path / "checkpoints").exists()
+        train({"workdir": str(tmp_path / "run"), **TINY, **change}, progress=False)
+    assert not (tmp_path / "run").exists()  # nothing written on a refusal
+
+
+@pytest.mark.integration
+def test_refused_settings_leave_nothing_so_the_corrected_rerun_starts(tmp_path, capsys):
+    args = ["--workdir", str(tmp_path), "--variant", "mu", "--patch-size", "4",
+            "--image-size", "16", "--batch-size", "8", "--steps", "20", "--log-every", "10",
+            "--fewshot", "none", "--no-progress"]
+    assert _tool().main([*args, "--lr", "nan"]) == 2
+    assert _tool().main([*args, "--warmup-steps", "50"]) == 2
+    assert list(tmp_path.iterdir()) == []
+    assert "--lr nan" in capsys.readouterr().err
+    assert _tool().main([*args, "--steps", "10"]) == 0
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.002
+
+
+@pytest.mark.integration
+def test_config_json_records_the_model_that_was_built(tmp_path):
+    settings = {**TINY, "variant": "mu", "steps": 2, "eval_every": 2}
+    train({"workdir": str(tmp_path), **settings}, progress=False, log=lambda m: None)
+    config = json.loads((tmp_path / "config.json").read_text())
+    model = config["model"]
+    for key in settings_lib.MODEL_KEYS:
+        built = model[key][0] if key == "patch_size" else model[key]
+        assert config[key] == built, key
+    assert (config["width"], config["pooling"], config["posemb"]) == (
+        model["width"], "tok", "learn")  # the variant's own, not the digits default's
+    assert {"width", "depth", "pooling", "posemb"} <= set(settings_lib.MODEL_KEYS)
+    assert "gap pooling" in settings_lib.VARIANT_HELP  # the help says what is replaced
+    help_text = _tool().build_parser().format_help()
+    assert "sincos2d embedding" in " ".join(help_text.split())
 
 
 def test_mesh_mismatch_message_names_devices_or_backend(tmp_path):
@@ -135,9 +174,9 @@ def test_recipes_resolve_and_flags_override():
     assert simplevit["augment"] == "randaugment:10,mixup:0.2"
     tat, _ = resolve({"recipe": "tat"})
     assert (tat["label_smoothing"], tat["block"]) == (0.1, "vanilla") and tat["dropout"] > 0
-    assert config_lib.head_bias_init("sigmoid", 10) == pytest.approx(-math.log(10))
-    assert config_lib.head_bias_init("sigmoid", 18_000) == -10.0
-    assert config_lib.head_bias_init("softmax", 10) == 0.0
+    assert settings_lib.head_bias_init("sigmoid", 10) == pytest.approx(-math.log(10))
+    assert settings_lib.head_bias_init("sigmoid", 18_000) == -10.0
+    assert settings_lib.head_bias_init("softmax", 10) == 0.0
 
 
 def test_scaling_vit_optimizer_decays_head_100x_body_kernels_only():

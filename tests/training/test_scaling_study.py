@@ -15,6 +15,10 @@ import pytest
 from keras_vitscale.config import ViTConfig
 from keras_vitscale.training import IncompatibleWorkdirError
 from keras_vitscale.training import study
+from keras_vitscale.training import study_report
+
+# Orchestration (training runs, tools): run once, on JAX.
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 # Branch steps 4 and 8 with half of each branch cooling down: branches end at
@@ -53,7 +57,7 @@ def tiny(tmp_path_factory):
 
     with pytest.raises(Killed):
         study.run(settings, log=log, progress=False)
-    state = {"rows_before": study.read_csv(workdir / "study.csv"),
+    state = {"rows_before": study_report.read_csv(workdir / "study.csv"),
              "first_digest": _digest(first),
              "second_started": (second / "config.json").exists(),
              "second_finished": (second / "fewshot.json").exists()}
@@ -64,7 +68,7 @@ def tiny(tmp_path_factory):
 
 
 def test_rows_hold_the_analytic_training_flops_and_the_runs_errors(tiny):
-    rows = study.read_csv(tiny["workdir"] / "study.csv")
+    rows = study_report.read_csv(tiny["workdir"] / "study.csv")
     assert [(r["branch_step"], r["cooldown_steps"], r["steps"]) for r in rows] == \
         [(4, 4, 8), (8, 8, 16)]
     vit = ViTConfig.from_variant("mu", depth=1, image_size=16, patch_size=8, pooling="gap",
@@ -116,7 +120,9 @@ def test_another_studys_workdir_is_refused_before_any_work(tiny, tmp_path):
 def test_fit_json_and_png_are_written(tiny):
     workdir = tiny["workdir"]
     assert (workdir / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    fits = json.loads((workdir / "fit.json").read_text())
+    # strict JSON: an exact fit's undefined standard errors are null, not NaN
+    fits = json.loads((workdir / "fit.json").read_text(),
+                      parse_constant=lambda name: pytest.fail(f"fit.json holds {name}"))
     assert set(fits) == {"heldout_error", "fewshot2_error"}
     for record in fits.values():
         assert record["frontier"] and record["note"]  # 2 points or fewer: said so
@@ -160,7 +166,7 @@ def test_frontier_fit_and_plot_of_a_synthetic_study(tmp_path):
             rows.append({"variant": variant, "params": int(flops / 30), "steps": steps,
                          "branch_step": steps, "training_flops": compute,
                          "heldout_error": error, "fewshot10_error": 1.5 * error})
-    fits = study.fit_study(rows, 10)
+    fits = study_report.fit_study(rows, 10)
     result = fits["heldout_error"]
     assert result["frontier"] == on_law and result["note"] == ""
     fit = result["fit"]
@@ -168,17 +174,17 @@ def test_frontier_fit_and_plot_of_a_synthetic_study(tmp_path):
     np.testing.assert_allclose([fit.b, fit.c], [0.3, 0.02], rtol=1e-2)
     assert fits["fewshot10_error"]["fit"].c == pytest.approx(0.03, rel=1e-2)
     out = tmp_path / "study.png"
-    study.plot_study(rows, fits, out, 10)
+    study_report.plot_study(rows, fits, out, 10)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    study.write_csv(rows, tmp_path / "rows.csv")
-    assert study.read_csv(tmp_path / "rows.csv") == rows
+    study_report.write_csv(rows, tmp_path / "rows.csv")
+    assert study_report.read_csv(tmp_path / "rows.csv") == rows
     with open(tmp_path / "rows.csv") as f:
         assert next(csv.reader(f))[:2] == ["variant", "params"]
 
 
 def test_pareto_frontier_and_zero_errors():
-    assert study.pareto_frontier([1, 2, 3, 4], [0.5, 0.6, 0.3, 0.3]) == [0, 2]
-    result = study.fit_frontier([1, 2, 3], [0.5, 0.0, 0.2])
+    assert study_report.pareto_frontier([1, 2, 3, 4], [0.5, 0.6, 0.3, 0.3]) == [0, 2]
+    result = study_report.fit_frontier([1, 2, 3], [0.5, 0.0, 0.2])
     assert result["frontier"] == [0, 2] and "zero error left out" in result["note"]
     assert result["fit"].form == "a*C^-b"
 

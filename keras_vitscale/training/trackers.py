@@ -1,4 +1,4 @@
-"""Optional run logging: TensorBoard (through Keras' callback) and Weights &
+"""Experiment trackers of a run: TensorBoard (through Keras' callback) and Weights &
 Biases (only when installed and asked for).
 
 Both see what metrics.jsonl records at each logging step (loss, accuracy,
