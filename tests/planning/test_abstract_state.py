@@ -23,7 +23,7 @@ def test_variables_have_layouts_and_no_value():
     assert "fsdp" in dist.get_variable_layout(kernel).axes
     # Optimizer slots follow their parameter's layout.
     slots = [v for v in opt.variables if v.shape == kernel.shape
-             and v.path.startswith("adam/" + kernel.path.replace("/", "_"))]
+             and v.path.startswith(f"{opt.name}/" + kernel.path.replace("/", "_"))]
     assert slots and all(dist.get_variable_layout(s).axes == dist.get_variable_layout(kernel).axes
                          for s in slots)
     with pytest.raises(RuntimeError, match="read outside a JAX trace"):
