@@ -61,6 +61,28 @@ def parser(tool, description, epilog=None):
                                    epilog=epilog, formatter_class=HelpFormatter)
 
 
+def add_model_and_data(parser, workdir_flag):
+    """The flags that say which trained model to load and on which data:
+    --preset or a kvs-pretrain workdir (one of them required), --dataset,
+    --data-dir, --image-size (default: the model's).
+
+    Args:
+        parser: the tool's `ArgumentParser`.
+        workdir_flag: the workdir option's name, e.g. "--from-workdir".
+    """
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--preset", help="a built-in preset name, a preset directory or "
+                                        "hf://org/repo")
+    which.add_argument(workdir_flag, help="a kvs-pretrain workdir (uses WORKDIR/model)")
+    parser.add_argument("--dataset", default="digits",
+                        help="digits | synthetic | folder:PATH | tfds:NAME[:SPLIT] "
+                             "(default: digits)")
+    parser.add_argument("--data-dir", default=None,
+                        help="TFDS data directory (never downloads)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="square input resolution (default: the model's)")
+
+
 def fail(message, prog=None):
     """Prints a bad-settings error (one line, no traceback); returns 2.
 

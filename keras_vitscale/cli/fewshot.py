@@ -19,15 +19,7 @@ def build_parser():
     """The few-shot evaluation flags."""
     p = common.parser("fewshot", __doc__.split("\n\n")[0].split(": ", 1)[1],
                       epilog=__doc__.split("\n\n", 1)[1])
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--preset", help="a built-in preset name, a preset directory or "
-                                        "hf://org/repo")
-    which.add_argument("--workdir", help="a kvs-pretrain workdir (uses WORKDIR/model)")
-    p.add_argument("--dataset", default="digits",
-                   help="digits | synthetic | folder:PATH | tfds:NAME[:SPLIT] (default: digits)")
-    p.add_argument("--data-dir", default=None, help="TFDS data directory")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="resolution to evaluate at (default: the model's)")
+    common.add_model_and_data(p, "--workdir")
     p.add_argument("--shots", default="1,5,10,25", help="comma-separated shots (default: 1,5,10,25)")
     p.add_argument("--seeds", type=int, default=3, help="sampling seeds per shot (default: 3)")
     p.add_argument("--l2-reg", default=str(2**10),

@@ -29,15 +29,7 @@ def build_parser():
     """The fine-tuning flags."""
     p = common.parser("finetune", __doc__.split("\n\n")[0].split(": ", 1)[1],
                       epilog=__doc__.split("\n\n", 1)[1])
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--preset", help="a built-in preset name, a preset directory or "
-                                        "hf://org/repo")
-    which.add_argument("--from-workdir", help="a kvs-pretrain workdir (uses WORKDIR/model)")
-    p.add_argument("--dataset", default="digits",
-                   help="digits | synthetic | folder:PATH | tfds:NAME[:SPLIT] (default: digits)")
-    p.add_argument("--data-dir", default=None, help="TFDS data directory (never downloads)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="square fine-tuning resolution (default: the model's)")
+    common.add_model_and_data(p, "--from-workdir")
     p.add_argument("--resample", choices=("linear", "bicubic"), default="linear",
                    help="position-embedding resampling to the new grid (default: linear, "
                         "as big_vision; bicubic as timm)")
