@@ -1,8 +1,10 @@
 """The wheel: a non-editable install, run from elsewhere, has every preset."""
 
+import configparser
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import keras
@@ -44,6 +46,19 @@ def test_wheel_ships_presets_and_builds_them(tmp_path):
                     "--no-build-isolation", "-w", str(wheel_dir), str(REPO)], check=True)
     wheels = list(wheel_dir.glob("keras_vitscale-*.whl"))
     assert len(wheels) == 1
+    # Every tool is a console script pointing at an existing cli module's main.
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        names = wheel.namelist()
+        entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+        scripts = configparser.ConfigParser()
+        scripts.read_string(wheel.read(entry_points).decode())
+    tools = sorted(p.stem for p in (REPO / "tools").glob("*.py"))
+    assert sorted(scripts["console_scripts"]) == sorted(
+        f"kvs-{t.replace('_', '-')}" for t in tools)
+    for script, target in scripts["console_scripts"].items():
+        module, function = target.split(":")
+        assert function == "main" and module == f"keras_vitscale.cli.{script[4:].replace('-', '_')}"
+        assert module.replace(".", "/") + ".py" in names, target
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                     "--target", str(site), str(wheels[0])], check=True)
     # The JSON files sit beside the presets package's modules, not over them.

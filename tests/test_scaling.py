@@ -1,9 +1,5 @@
 """Scaling-law fits against known parameters and scipy's curve_fit."""
 
-import importlib.util
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +9,6 @@ from keras_vitscale.scaling import fit_plain_power_law
 from keras_vitscale.scaling import fit_power_law
 
 TRUE = dict(a=2.0, b=0.4, c=0.05, d=0.5)
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _law(compute, a, b, c, d):
@@ -87,31 +82,3 @@ def test_refusals_name_the_counts_and_values():
         fit_plain_power_law([-1, 2], [0.5, 0.4])
     with pytest.raises(ValueError, match=r"4 compute values but 3 error values"):
         fit_power_law([1, 2, 3, 4], [0.5, 0.4, 0.3])
-
-
-def test_tool_writes_png_and_prints_parameters(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
-    compute = np.logspace(-1, 5, 12)
-    csv = tmp_path / "runs.csv"
-    rows = [f"{float(c)!r},{float(_law(c, **TRUE))!r},x" for c in compute]
-    csv.write_text("flops,err,note\n" + "\n".join(rows) + "\n")
-    spec = importlib.util.spec_from_file_location("fit_tool", ROOT / "tools" / "fit_scaling_law.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    out = tmp_path / "fit.png"
-    tool.main([str(csv), "--out", str(out), "--compute-column", "flops", "--error-column", "err"])
-    printed = capsys.readouterr().out
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "b = 0.4 +-" in printed and "c = 0.05 +-" in printed and "d = 0.5 +-" in printed
-    assert "plain power law" in printed
-    with pytest.raises(SystemExit, match=r"no column 'error'.*--error-column"):
-        tool.main([str(csv), "--out", str(out), "--compute-column", "flops"])
-
-
-def test_tool_help_is_fast_and_useful():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "fit_scaling_law.py"), "--help"],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert result.returncode == 0
-    assert "--compute-column" in result.stdout and "(C + d)^-b + c" in result.stdout

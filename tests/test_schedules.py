@@ -1,9 +1,7 @@
 """Schedules against their closed forms (warmup, rsqrt, cosine, linear,
 cooldown), evaluated at many steps."""
 
-import importlib.util
 import math
-import os
 
 import numpy as np
 import pytest
@@ -139,17 +137,3 @@ def test_to_steps_errors(kwargs, match):
 def test_create_errors(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         schedules.create(*args, **kwargs)
-
-
-def test_plot_tool_writes_png(tmp_path):
-    path = os.path.join(os.path.dirname(__file__), "..", "tools", "plot_schedule.py")
-    spec = importlib.util.spec_from_file_location("plot_schedule", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    out = tmp_path / "lr.png"
-    tool.main(["--total-steps", "1000", "--warmup-steps", "100", "--points", "50",
-               "--schedule", "rsqrt,timescale=100", "--schedule", "cosine", "--out", str(out)])
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(SystemExit, match="exceed total_steps"):
-        tool.main(["--total-steps", "10", "--warmup-steps", "20", "--schedule", "cosine",
-                   "--out", str(out)])

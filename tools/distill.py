@@ -1,94 +1,11 @@
 #!/usr/bin/env python
-"""Distil a trained ViT (the teacher) into another ViT (the student).
-
-    python tools/pretrain.py --workdir runs/digits                  # a teacher
-    python tools/distill.py --teacher runs/digits --student mu/8 --width 32 \\
-        --depth 2 --workdir runs/digits_distilled
-    python tools/distill.py --teacher path/to/preset --student S/16 --recipe scaling_vit \\
-        --dataset tfds:imagenet2012 --image-size 224 --batch-size 4096 --steps 90000 \\
-        --mesh data:8 --temperature 1 --workdir runs/s16_distilled
-
-Every pretraining flag works as in tools/pretrain.py: the same data pipeline,
-distribution, checkpoints and resumption, outputs and exit status. The
-student is trained on the teacher's softened logits; see the distillation
-section of `--help`.
-"""
-
+"""`kvs-distill` from a checkout; the tool is keras_vitscale/cli/distill.py."""
 import os
 import sys
 
-# pretrain.py is this script's neighbour in tools/, which Python puts first
-# on sys.path when it runs a script; it sets the JAX backend default.
-import pretrain  # noqa: E402
+# the tool's default backend (an explicit KERAS_BACKEND wins); set before
+# the import below loads Keras.
+os.environ.setdefault("KERAS_BACKEND", "jax")
+from keras_vitscale.cli.distill import main  # noqa: E402
 
-from keras_vitscale.training import settings as settings_lib  # noqa: E402
-
-DEFAULT_WORKDIR = os.path.join("runs", "digits_distilled")
-EPILOG = """\
-distillation:
-  loss = (1 - w) * T^2 * KL(teacher_T || student_T) + w * label loss
-  where teacher_T and student_T are the class distributions at temperature T
-  (softmax of logits / T), w is --label-weight and the label loss is the run's
-  --loss (with its --label-smoothing).
-  With --loss sigmoid, the KL is between per-class Bernoulli distributions,
-  summed over classes (the teacher's logits read as the sigmoid loss trains them).
-  Defaults T = 1, w = 0: pure function matching (Beyer et al. 2022, "Knowledge
-  distillation: a good teacher is patient and consistent"); the teacher sees the
-  very same augmented images as the student (benchmarks/RESULTS.md has digits runs).
-
-  The teacher is frozen (inference mode, not in the optimizer, never checkpointed)
-  and must predict the data's number of classes; a mismatch stops the run before
-  training. A teacher trained at another image size gets each batch resized
-  (bilinear) to its own size; the student is built at --image-size. Checkpoints,
-  WORKDIR/model and the few-shot table are the student's; loss and val_loss are
-  the distillation loss, accuracy and val_accuracy the student's on the labels.
-
-""" + pretrain.EPILOG
-
-
-def build_parser():
-    """tools/pretrain.py's flags plus the distillation flags."""
-    p = pretrain.build_parser()
-    p.description = ("Distil a trained Vision Transformer (--teacher) into a student "
-                     "(--student VARIANT, or the pretraining default model) with "
-                     "keras_vitscale, around model.fit, with every pretraining flag.")
-    p.epilog = EPILOG
-    for action in p._actions:  # argparse has no public way to reword one flag's help
-        if action.dest == "workdir":
-            action.help = (f"run directory (default {DEFAULT_WORKDIR} for digits; "
-                           "required otherwise)")
-    b = settings_lib.BASE
-    d = p.add_argument_group("distillation")
-    d.add_argument("--teacher", required=True, metavar="PRESET_OR_WORKDIR",
-                   help="the trained teacher: a tools/pretrain.py workdir (its "
-                   "WORKDIR/model), a preset directory, hf://org/repo, or a built-in "
-                   "preset name with published weights")
-    d.add_argument("--student", metavar="VARIANT",
-                   help="the student's variant, e.g. 'S/16' or 'mu/8' (same as --variant; "
-                   "--width, --depth, ... override it)")
-    d.add_argument("--temperature", type=float, dest="distill_temperature", metavar="T",
-                   help=f"distillation temperature T > 0 (default {b['distill_temperature']})")
-    d.add_argument("--label-weight", type=float, dest="distill_label_weight", metavar="W",
-                   help="weight w in [0, 1] of the label loss mixed in (default "
-                   f"{b['distill_label_weight']}: the teacher alone)")
-    return p
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.student is not None and args.variant is not None:
-        print(f"ERROR: --student {args.student} and --variant {args.variant} both set the "
-              "student's variant; pass only --student.", file=sys.stderr)
-        return 2
-    if args.student is not None:
-        args.variant = args.student
-    del args.student
-    from keras_vitscale.training import branch, distill
-
-    # A branch of a distillation run distils from its parent's teacher.
-    entry = branch.train if args.branch_from else distill.train
-    return pretrain.main(args=args, default_workdir=DEFAULT_WORKDIR, entry=entry)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+sys.exit(main())

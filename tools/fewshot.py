@@ -1,74 +1,11 @@
 #!/usr/bin/env python
-"""Few-shot linear evaluation of a trained ViT's features (big_vision's evaluator).
-
-    python tools/fewshot.py --workdir runs/digits --dataset digits
-    python tools/fewshot.py --preset path/to/preset --dataset folder:/data/pets \\
-        --image-size 224 --shots 1,5,10,25 --l2-reg auto
-
-Features are the pre-logits representation; the few-shot examples come from
-the dataset's training split and the accuracy from its held-out split.
-Exit status: 0 done, 2 bad settings (a missing model, bad shots).
-"""
-
+"""`kvs-fewshot` from a checkout; the tool is keras_vitscale/cli/fewshot.py."""
 import os
+import sys
 
-# The JAX backend is the tool's default; an explicit KERAS_BACKEND wins.
+# the tool's default backend (an explicit KERAS_BACKEND wins); set before
+# the import below loads Keras.
 os.environ.setdefault("KERAS_BACKEND", "jax")
+from keras_vitscale.cli.fewshot import main  # noqa: E402
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--preset", help="a built-in preset name, a preset directory or "
-                                        "hf://org/repo")
-    which.add_argument("--workdir", help="a tools/pretrain.py workdir (uses WORKDIR/model)")
-    p.add_argument("--dataset", default="digits",
-                   help="digits | synthetic | folder:PATH | tfds:NAME[:SPLIT] (default: digits)")
-    p.add_argument("--data-dir", default=None, help="TFDS data directory")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="resolution to evaluate at (default: the model's)")
-    p.add_argument("--shots", default="1,5,10,25", help="comma-separated shots (default: 1,5,10,25)")
-    p.add_argument("--seeds", type=int, default=3, help="sampling seeds per shot (default: 3)")
-    p.add_argument("--l2-reg", default=str(2**10),
-                   help="ridge lambda, or 'auto' to pick it by leave-one-out (default: 1024)")
-    return p.parse_args(argv)
-
-
-def _fail(message):
-    print(f"ERROR: {message}", file=sys.stderr)
-    return 2
-
-
-def main(argv=None):
-    """Prints the few-shot table; returns the exit status (see the epilog)."""
-    args = parse_args(argv)
-    from keras_vitscale import data
-    from keras_vitscale.evaluation.on_source import check_shots
-    from keras_vitscale.evaluation.on_source import fewshot_on_source
-    from keras_vitscale.model import ViT
-
-    if args.workdir is not None and not os.path.isdir(os.path.join(args.workdir, "model")):
-        return _fail(f"--workdir {args.workdir} has no final model ({args.workdir}/model is "
-                     "missing): give a finished tools/pretrain.py workdir, or --preset.")
-    try:
-        shots = check_shots(args.shots)
-        l2_reg = args.l2_reg if args.l2_reg == "auto" else float(args.l2_reg)
-        handle = args.preset or os.path.join(args.workdir, "model")
-        model = ViT.from_preset(handle, image_size=args.image_size)
-        size = model.config.image_size
-        source = data.load_source(args.dataset, data_dir=args.data_dir, image_size=size)
-    except (ValueError, FileNotFoundError) as err:
-        return _fail(err)
-    result = fewshot_on_source(model, source, size, shots=shots, seeds=args.seeds,
-                               l2_reg=l2_reg, progress=True)
-    print(result.table())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+sys.exit(main())

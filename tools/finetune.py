@@ -1,90 +1,11 @@
 #!/usr/bin/env python
-"""Fine-tune a pretrained ViT with the Scaling ViT transfer recipe.
-
-    python tools/finetune.py --from-workdir runs/digits --image-size 48 --workdir runs/ft48
-    python tools/finetune.py --preset path/to/preset --dataset folder:/data/pets \\
-        --image-size 384 --steps 2000 --batch-size 512 --lr 0.003 --workdir runs/pets
-    python tools/finetune.py --from-workdir runs/digits --resize-patch 4 --workdir runs/flexi
-    python tools/finetune.py --from-workdir runs/digits --linear-probe --workdir runs/probe
-
-Recipe (Zhai et al. 2021): SGD with momentum 0.9, no weight decay, global
-gradient-norm clip 1.0, cosine schedule with linear warmup, softmax
-cross-entropy, a fresh zero-initialised head. A new --image-size resamples
-the learned position embedding; --resize-patch PI-resizes the patch
-embedding (FlexiViT) so a bilinearly upsampled patch gives the same token.
-
-outputs in --workdir: model/ (the fine-tuned preset, kvs.ViT.from_preset(
-"WORKDIR/model")) and metrics.jsonl (step, loss, accuracy, learning_rate;
-val_loss and val_accuracy on the last line). Exit status: 0 done, 2 bad
-settings, 3 non-finite loss.
-"""
-
+"""`kvs-finetune` from a checkout; the tool is keras_vitscale/cli/finetune.py."""
 import os
+import sys
 
-# The JAX backend is the tool's default; an explicit KERAS_BACKEND wins.
+# the tool's default backend (an explicit KERAS_BACKEND wins); set before
+# the import below loads Keras.
 os.environ.setdefault("KERAS_BACKEND", "jax")
+from keras_vitscale.cli.finetune import main  # noqa: E402
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--preset", help="a built-in preset name, a preset directory or "
-                                        "hf://org/repo")
-    which.add_argument("--from-workdir", help="a tools/pretrain.py workdir (uses WORKDIR/model)")
-    p.add_argument("--dataset", default="digits",
-                   help="digits | synthetic | folder:PATH | tfds:NAME[:SPLIT] (default: digits)")
-    p.add_argument("--data-dir", default=None, help="TFDS data directory (never downloads)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="square fine-tuning resolution (default: the model's)")
-    p.add_argument("--resample", choices=("linear", "bicubic"), default="linear",
-                   help="position-embedding resampling to the new grid (default: linear, "
-                        "as big_vision; bicubic as timm)")
-    p.add_argument("--resize-patch", type=int, default=None,
-                   help="new patch size, PI-resized from the pretrained one (FlexiViT); "
-                        "must divide --image-size")
-    p.add_argument("--linear-probe", action="store_true",
-                   help="train only the head; every other weight stays frozen")
-    p.add_argument("--steps", type=int, default=500, help="SGD steps (default: 500)")
-    p.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
-    p.add_argument("--lr", type=float, default=0.01, help="peak learning rate (default: 0.01; "
-                   "the paper sweeps 0.001-0.03)")
-    p.add_argument("--warmup-steps", type=int, default=None,
-                   help="linear warmup steps (default: 5%% of --steps)")
-    p.add_argument("--workdir", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=0, help="seed of data order and crops")
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    from keras_vitscale.training import TrainingError
-    from keras_vitscale.training.errors import NonFiniteLossError
-    from keras_vitscale.training.finetune import finetune
-
-    handle = args.preset or os.path.join(args.from_workdir, "model")
-    try:
-        summary = finetune(handle, args.workdir, dataset=args.dataset,
-                           data_dir=args.data_dir, image_size=args.image_size,
-                           resample=args.resample, resize_patch=args.resize_patch,
-                           linear_probe=args.linear_probe, steps=args.steps,
-                           batch_size=args.batch_size, lr=args.lr,
-                           warmup_steps=args.warmup_steps, seed=args.seed)
-    except NonFiniteLossError as err:
-        print(f"\nERROR: {err}", file=sys.stderr, flush=True)
-        return 3
-    except (ValueError, FileNotFoundError, TrainingError) as err:
-        print(f"\nERROR: {err}", file=sys.stderr, flush=True)
-        return 2
-    print(f"\nstep {summary['steps']}: held-out accuracy {summary['val_accuracy']:.4f}, "
-          f"loss {summary['val_loss']:.4f}; {summary['seconds']} s; outputs in {args.workdir}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+sys.exit(main())

@@ -1,61 +1,7 @@
-"""Publish a keras_vitscale preset to the Hugging Face Hub, with a model card.
-
-A thin front over `keras_vitscale.hub.push_to_hub`. SOURCE is a preset
-directory (written by `model.save_to_preset`) or a training workdir that
-holds one exported preset directory; a workdir's config.json and
-metrics.jsonl go into the model card. Log in first with `hf auth login` or
-set HF_TOKEN.
-
-Example:
-    python tools/push_to_hub.py runs/digits my-org/vit-mu8-digits --safetensors
-    python tools/push_to_hub.py presets_out/vit_b16 my-org/vit-b16 --revision v1 \\
-        --message "ViT-B/16, 300 epochs"
-"""
-
-import argparse
+#!/usr/bin/env python
+"""`kvs-push-to-hub` from a checkout; the tool is keras_vitscale/cli/push_to_hub.py."""
 import sys
 
+from keras_vitscale.cli.push_to_hub import main
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="push_to_hub.py", description=__doc__.split("\n\n")[0],
-        epilog="The upload is one commit: config.json, the weights, metadata.json, "
-               "README.md (and model.safetensors). Load it back with "
-               "kvs.ViT.from_preset('hf://ORG/REPO[@REVISION]').")
-    parser.add_argument("source", metavar="PRESET_DIR_OR_WORKDIR",
-                        help="a preset directory, or a training workdir holding one")
-    parser.add_argument("repo_id", metavar="ORG/REPO", help="the Hub repo, created if missing")
-    parser.add_argument("--private", action="store_true",
-                        help="create the repo private (an existing repo keeps its setting)")
-    parser.add_argument("--revision", default=None,
-                        help="branch to commit to, created from main if missing (default: main)")
-    parser.add_argument("--message", default=None, help="commit message")
-    parser.add_argument("--safetensors", action="store_true",
-                        help="also upload model.safetensors ({variable.path: array}) for "
-                             "other frameworks")
-    parser.add_argument("--workdir", default=None,
-                        help="training workdir for the model card, when SOURCE is a "
-                             "preset directory")
-    parser.add_argument("--license", default="apache-2.0",
-                        help="licence id for the model card (default: apache-2.0)")
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    # Imported after parsing so that --help answers without loading Keras.
-    from keras_vitscale import ViT, hub
-
-    # The flat safetensors file is written from a built model; the hub module
-    # only moves files.
-    model = ViT.from_preset(hub.locate_preset(args.source)[0]) if args.safetensors else None
-    commit = hub.push_to_hub(args.source, args.repo_id, private=args.private,
-                             revision=args.revision, commit_message=args.message,
-                             workdir=args.workdir, safetensors=args.safetensors,
-                             license=args.license, model=model)
-    print(f"Pushed {args.source} to {args.repo_id}: {commit}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+sys.exit(main())

@@ -1,7 +1,5 @@
 """The errors a training run stops with; each names what went wrong and the fix."""
 
-import sys
-
 
 class TrainingError(RuntimeError):
     """Base class: a run that cannot start or must stop."""
@@ -34,8 +32,17 @@ class CheckpointError(TrainingError):
     """No checkpoint in the workdir could be restored."""
 
 
-def report(err):
-    """Prints an error that stopped a tool's run; returns the tool's exit
-    status: 3 for a non-finite loss, 2 for bad settings and other stops."""
-    print(f"\nERROR: {err}", file=sys.stderr, flush=True)
-    return 3 if isinstance(err, NonFiniteLossError) else 2
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run's training at `step`; a KeyboardInterrupt still,
+    so code that catches those keeps working.
+
+    Args:
+        step: the last step the run reached (finished).
+        checkpoint: the last checkpoint on disk (where a rerun resumes), or
+            None.
+    """
+
+    def __init__(self, step, checkpoint=None):
+        self.step, self.checkpoint = step, checkpoint
+        super().__init__(f"interrupted at step {step}")

@@ -32,6 +32,7 @@ from keras_vitscale.training import settings as settings_lib
 from keras_vitscale.training import trackers
 from keras_vitscale.training.callbacks import RunMonitor
 from keras_vitscale.training.checkpoint import CheckpointManager
+from keras_vitscale.training.errors import RunInterrupted
 from keras_vitscale.training.plots import plot_curves
 from keras_vitscale.training.settings import build_schedule  # noqa: F401 (public here too)
 
@@ -245,10 +246,13 @@ def train(settings, log=None, progress=True, spec=None):
         log(f"Training {config['model']['variant'] or 'ViT'} ({vit_config.count_params():,} "
             f"params) on {source.name}: steps {start}->{steps}, batch "
             f"{config['batch_size']}, backend {keras.backend.backend()}, workdir {workdir}")
-        fit_model.fit(train_ds, epochs=epochs, initial_epoch=start // log_every,
-                      steps_per_epoch=log_every, validation_data=eval_ds,
-                      validation_freq=eval_epochs or 1,
-                      callbacks=[monitor, *loggers.callbacks], verbose=0)
+        try:
+            fit_model.fit(train_ds, epochs=epochs, initial_epoch=start // log_every,
+                          steps_per_epoch=log_every, validation_data=eval_ds,
+                          validation_freq=eval_epochs or 1,
+                          callbacks=[monitor, *loggers.callbacks], verbose=0)
+        except KeyboardInterrupt as interrupt:  # Ctrl-C: say where the run stands
+            raise RunInterrupted(monitor.step, monitor.last_checkpoint) from interrupt
         final = monitor.last_row
     else:
         final = {"step": start, **{f"val_{k}": float(v) for k, v in fit_model.evaluate(

@@ -6,8 +6,8 @@ user's cache or login.
 """
 
 import hashlib
-import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -263,10 +263,9 @@ def test_model_card_for_a_feature_extractor(source):
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("push_tool", ROOT / "tools" / "push_to_hub.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from keras_vitscale.cli import push_to_hub
+
+    return push_to_hub
 
 
 @pytest.mark.integration  # the hub tool: run once, on JAX
@@ -290,8 +289,10 @@ def test_cli_pushes_a_workdir(server, source, tmp_path, capsys):
 
 @pytest.mark.integration  # the hub tool: run once, on JAX
 def test_cli_help():
+    # PYTHONPATH: this checkout's keras_vitscale, as `python tools/...` from its root.
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "push_to_hub.py"), "--help"],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0
     for flag in ("PRESET_DIR_OR_WORKDIR", "ORG/REPO", "--private", "--revision",
                  "--message", "--safetensors"):

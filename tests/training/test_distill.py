@@ -1,5 +1,5 @@
 """Distillation: the loss against numpy, a frozen teacher, bad teachers failing
-before training, and tools/distill.py end to end on digits.
+before training, and kvs-distill (cli/distill.py) end to end on digits.
 
 One small teacher is trained on digits (16x16) once per module. How a
 distilled student compares with its teacher and with the same student
@@ -7,9 +7,7 @@ trained on labels is measured by benchmarks/distillation.py (too long for
 a test).
 """
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import keras
@@ -18,6 +16,7 @@ import pytest
 
 import keras_vitscale as kvs
 from keras_vitscale import data
+from keras_vitscale.cli import distill as distill_tool
 from keras_vitscale.training import distill, losses
 from keras_vitscale.training.distill import DistillationLoss, DistillationModel
 from keras_vitscale.training.trainer import build_optimizer
@@ -50,14 +49,7 @@ def _one_torch_thread():
 
 
 def _tool():
-    # tools/distill.py imports its neighbour pretrain.py, as it does when run
-    # as a script (Python puts the script's directory on sys.path).
-    if str(ROOT / "tools") not in sys.path:
-        sys.path.insert(0, str(ROOT / "tools"))
-    spec = importlib.util.spec_from_file_location("distill_tool", ROOT / "tools" / "distill.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return distill_tool
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
-"""Fine-tuning: PI-resize, and tools/finetune.py end to end on digits
+"""Fine-tuning: PI-resize, and kvs-finetune (cli/finetune.py) end to end on digits
 (new resolution with posemb resampling, linear probe, --resize-patch)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,10 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("finetune_tool", ROOT / "tools" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from keras_vitscale.cli import finetune as finetune_tool
+
+    return finetune_tool
 
 
 def _weights(model):

@@ -26,7 +26,8 @@ ARGS = ["--variant", "mu", "--patch-size", "4", "--image-size", "16", "--batch-s
 
 
 def _start(workdir):
-    env = {**os.environ, "KERAS_BACKEND": keras.backend.backend()}
+    # PYTHONPATH: this checkout's keras_vitscale, as `python tools/...` from its root.
+    env = {**os.environ, "KERAS_BACKEND": keras.backend.backend(), "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, str(ROOT / "tools" / "pretrain.py"),
                              "--workdir", str(workdir), *ARGS], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -1,7 +1,6 @@
 """Run safety: NaN stop naming the step, incompatible workdirs, corrupt
 checkpoints, bad inputs failing before training, recipe resolution."""
 
-import importlib.util
 import json
 import math
 import re
@@ -24,10 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("pretrain", ROOT / "tools" / "pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from keras_vitscale.cli import pretrain
+
+    return pretrain
 
 
 @pytest.mark.integration

@@ -5,13 +5,13 @@ module, killed before its second branch and resumed."""
 
 import csv
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from keras_vitscale.cli import scaling_study as scaling_study_tool
 from keras_vitscale.config import ViTConfig
 from keras_vitscale.training import IncompatibleWorkdirError
 from keras_vitscale.training import study
@@ -37,11 +37,7 @@ def _digest(directory):
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("scaling_study_tool",
-                                                  ROOT / "tools" / "scaling_study.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return scaling_study_tool
 
 
 @pytest.fixture(scope="module")

@@ -1,28 +1,18 @@
-"""tools/plan_memory.py: the fit table, and clear errors for bad settings."""
+"""kvs-plan-memory (cli/plan_memory.py): the fit table, and clear errors for bad settings."""
 
-import importlib.util
-import pathlib
 import re
 
 import pytest
 
+from keras_vitscale.cli import plan_memory
 from keras_vitscale.planning import memory_estimate
 
 pytestmark = pytest.mark.integration
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("plan_memory", ROOT / "tools" / "plan_memory.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
 
 
 def test_plan_memory_tool_prints_a_fit_table(capsys):
-    tool = load_tool()
-    tool.main(["--device-memory", "16GiB", "--variants", "Ti/16,G/14,22B/14"])
+    assert plan_memory.main(["--device-memory", "16GiB", "--variants", "Ti/16,G/14,22B/14"]) == 0
     out = capsys.readouterr().out
     cells = {line.split()[0]: line.split()[1:5] for line in out.splitlines()[1:]}
     assert cells["variant"] == list(memory_estimate.OPTIMIZERS)
@@ -40,10 +30,8 @@ def test_plan_memory_tool_prints_a_fit_table(capsys):
     (["--simulate", "--variants", "Z/9"], r"--variants 'Z/9': .*Known variants.*22B"),
 ])
 def test_plan_memory_tool_refuses_bad_settings_without_a_traceback(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        load_tool().main(argv)
-    assert exit_info.value.code == 2
+    assert plan_memory.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("plan_memory.py: error: ")
+    assert err.startswith("kvs-plan-memory: error: ")
     assert "Traceback" not in err
     assert re.search(message, err), err

@@ -1,8 +1,6 @@
-"""tools/fewshot.py on a saved preset: the table equals the library's result."""
+"""kvs-fewshot (keras_vitscale/cli/fewshot.py) on a saved preset: the table equals the library's result."""
 
-import importlib.util
 import re
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -10,18 +8,14 @@ import pytest
 
 import keras_vitscale as kvs
 from keras_vitscale import data
+from keras_vitscale.cli import fewshot
 
 # Orchestration (training runs, tools): run once, on JAX.
 pytestmark = pytest.mark.integration
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "fewshot.py"
-
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("fewshot_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return fewshot
 
 
 def test_tool_prints_the_library_result(tmp_path, capsys):
