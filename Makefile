@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 BACKENDS := jax tensorflow torch
+# pytest-xdist workers; a test file stays on one worker (its fixtures are
+# built once). 2 matches the CI machine's cores.
+PYTEST := $(BIN)/python -m pytest -q -n $${PYTEST_WORKERS:-2} --dist loadfile
 
 .PHONY: pretrain test test-fast test-jax test-tensorflow test-torch clean
 
@@ -32,15 +35,15 @@ test: $(VENV)/.installed
 	@status=0; for backend in $(BACKENDS); do \
 		echo "=== pytest on the $$backend backend ==="; \
 		if [ $$backend = jax ]; then select=""; else select="not integration"; fi; \
-		KERAS_BACKEND=$$backend $(BIN)/python -m pytest -q -m "$$select" tests || status=1; \
+		KERAS_BACKEND=$$backend $(PYTEST) -m "$$select" tests || status=1; \
 	done; exit $$status
 
 # Unit tests only, on one backend (KERAS_BACKEND, default jax): the quick loop.
 test-fast: $(VENV)/.installed
-	KERAS_BACKEND=$${KERAS_BACKEND:-jax} $(BIN)/python -m pytest -q -m "not integration" tests
+	KERAS_BACKEND=$${KERAS_BACKEND:-jax} $(PYTEST) -m "not integration" tests
 
 test-%: $(VENV)/.installed
-	KERAS_BACKEND=$* $(BIN)/python -m pytest -q tests
+	KERAS_BACKEND=$* $(PYTEST) tests
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

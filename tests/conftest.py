@@ -1,6 +1,9 @@
 """Shared test set-up: one Keras backend per pytest process (KERAS_BACKEND)."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,3 +62,21 @@ def compiled_gradient_hlo(model, batch=4):
         return jnp.sum(logits**2)
 
     return jax.jit(jax.grad(loss)).lower(trainable).compile().as_text()
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def run_script():
+    """Runs `python tools/<tool>.py ARGS` from the repository root, as a user
+    does, importing this checkout's keras_vitscale (not an installed one);
+    returns the CompletedProcess."""
+
+    def run(tool, *args, timeout=120):
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+        return subprocess.run([sys.executable, str(REPO_ROOT / "tools" / f"{tool}.py"), *args],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    return run

@@ -38,8 +38,7 @@ print(json.dumps(built))
 """
 
 
-@pytest.mark.skipif(keras.backend.backend() != "jax",
-                    reason="packaging is backend-independent; checked once, on jax")
+@pytest.mark.integration  # packaging is backend-independent: checked once
 def test_wheel_ships_presets_and_builds_them(tmp_path):
     wheel_dir, site = tmp_path / "wheel", tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
