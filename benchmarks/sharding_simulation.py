@@ -243,7 +243,7 @@ def report(sp, configs, tables, checks, arg_diffs, pod_rows, shard_checks, fits,
                           for spec, opt, gib, how in options) or "none of the simulated meshes"
         lines.append(f"- {label} per device: {shown}.")
     if compare:
-        lines += ["", "Compiled against the analytic planner (`kvs.memory.estimate`, which "
+        lines += ["", "Compiled against the analytic planner (`kvs.planning.estimate`, which "
                   "counts no gathered weights or full-size gradients):", "",
                   "| mesh | optimizer | compiled GiB | analytic GiB | analytic, remat GiB |",
                   "|---|---|---|---|---|"]

@@ -77,13 +77,9 @@ class BF16Adam(wd_lib.DecoupledWeightDecay, keras.optimizers.Optimizer):
         name="bf16_adam",
         **kwargs,
     ):
-        learning_rate = wd_lib.check_learning_rate(learning_rate)
-        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        self._init_weight_decay(weight_decay, weight_decay_multipliers)
-        check = wd_lib.check_hyperparameter
-        self.beta_1 = check("beta_1", beta_1, high=1.0, open_high=True)
-        self.beta_2 = check("beta_2", beta_2, high=1.0, open_high=True)
-        self.epsilon = check("epsilon", epsilon)
+        self._init_optimizer(learning_rate, name, weight_decay, weight_decay_multipliers,
+                             **kwargs)
+        self._init_moments(beta_1, beta_2, epsilon)
         self.mu_dtype = keras.backend.standardize_dtype(mu_dtype)
         self.nu_dtype = keras.backend.standardize_dtype(nu_dtype)
         wd_lib.check_decay_in_dtype("beta_1", beta_1, self.mu_dtype)

@@ -123,9 +123,8 @@ class ScalingAdafactor(wd_lib.DecoupledWeightDecay, keras.optimizers.Optimizer):
         name="scaling_adafactor",
         **kwargs,
     ):
-        learning_rate = wd_lib.check_learning_rate(learning_rate)
-        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        self._init_weight_decay(weight_decay, weight_decay_multipliers)
+        self._init_optimizer(learning_rate, name, weight_decay, weight_decay_multipliers,
+                             **kwargs)
         if (
             isinstance(min_dim_size_to_factor, bool)
             or not isinstance(min_dim_size_to_factor, (int, np.integer))

@@ -162,13 +162,10 @@ class Shampoo(wd_lib.DecoupledWeightDecay, keras.optimizers.Optimizer):
         name="shampoo",
         **kwargs,
     ):
-        learning_rate = wd_lib.check_learning_rate(learning_rate)
-        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        self._init_weight_decay(weight_decay, weight_decay_multipliers)
+        self._init_optimizer(learning_rate, name, weight_decay, weight_decay_multipliers,
+                             **kwargs)
+        self._init_moments(beta_1, beta_2, epsilon)
         check = wd_lib.check_hyperparameter
-        self.beta_1 = check("beta_1", beta_1, high=1.0, open_high=True)
-        self.beta_2 = check("beta_2", beta_2, high=1.0, open_high=True)
-        self.epsilon = check("epsilon", epsilon)
         self.grafting_beta_2 = check("grafting_beta_2", grafting_beta_2, high=1.0, open_high=True)
         self.grafting_epsilon = check("grafting_epsilon", grafting_epsilon)
         self.precondition_frequency = _positive_int(

@@ -18,10 +18,10 @@ To add decay to a new optimizer (e.g. Shampoo), inherit the mixin before the
 Keras base class and use three calls:
 
     class Shampoo(DecoupledWeightDecay, keras.optimizers.Optimizer):
-        def __init__(self, ..., weight_decay=0.0,
-                     weight_decay_multipliers=None, **kwargs):
-            super().__init__(learning_rate=learning_rate, **kwargs)
-            self._init_weight_decay(weight_decay, weight_decay_multipliers)
+        def __init__(self, learning_rate=0.001, ..., weight_decay=0.0,
+                     weight_decay_multipliers=None, name="my_optimizer", **kwargs):
+            self._init_optimizer(learning_rate, name, weight_decay,
+                                 weight_decay_multipliers, **kwargs)
 
         def build(self, var_list):
             ...
@@ -207,6 +207,20 @@ class DecoupledWeightDecay:
     Put it before `keras.optimizers.Optimizer` in the bases. See the module
     docstring for the three calls an optimizer makes.
     """
+
+    def _init_optimizer(self, learning_rate, name, weight_decay, weight_decay_multipliers,
+                        **kwargs):
+        """What every optimizer here does first: checks the learning rate,
+        runs the Keras optimizer's __init__ and sets up the weight decay."""
+        super().__init__(learning_rate=check_learning_rate(learning_rate), name=name,
+                         **kwargs)
+        self._init_weight_decay(weight_decay, weight_decay_multipliers)
+
+    def _init_moments(self, beta_1, beta_2, epsilon):
+        """Checks and sets Adam's moment decays and epsilon."""
+        self.beta_1 = check_hyperparameter("beta_1", beta_1, high=1.0, open_high=True)
+        self.beta_2 = check_hyperparameter("beta_2", beta_2, high=1.0, open_high=True)
+        self.epsilon = check_hyperparameter("epsilon", epsilon)
 
     def _init_weight_decay(self, weight_decay, weight_decay_multipliers):
         # The Keras base keeps its own `weight_decay` attribute (None here)
