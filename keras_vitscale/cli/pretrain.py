@@ -59,7 +59,6 @@ the message names the step reached and the last checkpoint; rerun to resume).
 """
 
 
-
 def build_parser(tool="pretrain", description=DESCRIPTION, epilog=EPILOG,
                  default_workdir=DEFAULT_WORKDIR):
     """The pretraining flags; `cli.distill` adds its own to them.
