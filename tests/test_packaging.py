@@ -7,7 +7,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import keras
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent

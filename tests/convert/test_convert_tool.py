@@ -26,7 +26,6 @@ pytest.importorskip("safetensors")
 
 pytestmark = pytest.mark.integration  # the tool's orchestration: once, on JAX
 
-ROOT = Path(__file__).resolve().parents[2]
 # The loopback Hub and its fixture live beside test_hub.py.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hub"))
 

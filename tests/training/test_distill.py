@@ -8,7 +8,6 @@ a test).
 """
 
 import json
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -21,7 +20,6 @@ from keras_vitscale.training import distill, losses
 from keras_vitscale.training.distill import DistillationLoss, DistillationModel
 from keras_vitscale.training.trainer import build_optimizer
 
-ROOT = Path(__file__).resolve().parents[2]
 SIZE = 16
 TEACHER = dict(width=64, depth=2, mlp_dim=128, num_heads=4, patch_size=4, pooling="gap",
                posemb="sincos2d", image_size=SIZE, num_classes=10)

@@ -2,7 +2,6 @@
 (new resolution with posemb resampling, linear probe, --resize-patch)."""
 
 import json
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -13,7 +12,6 @@ import keras_vitscale as kvs
 from keras_vitscale.layers import flexi
 from keras_vitscale.training import train
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tool():

@@ -4,7 +4,6 @@ checkpoints, bad inputs failing before training, recipe resolution."""
 import json
 import math
 import re
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -12,14 +11,13 @@ import pytest
 
 import keras_vitscale as kvs
 from keras_vitscale.training import (CheckpointError, CheckpointManager,
-                                     IncompatibleWorkdirError, NonFiniteLossError,
+                                     IncompatibleWorkdirError,
                                      resolve, train)
 from keras_vitscale.training import settings as settings_lib
 from keras_vitscale.training.trainer import build_optimizer, build_schedule
 
 TINY = dict(variant="mu", patch_size=4, image_size=16, batch_size=8, steps=4,
             log_every=2, checkpoint_every=2, eval_every=4, fewshot="none")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tool():

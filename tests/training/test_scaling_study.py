@@ -20,7 +20,6 @@ from keras_vitscale.training import study_report
 # Orchestration (training runs, tools): run once, on JAX.
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 # Branch steps 4 and 8 with half of each branch cooling down: branches end at
 # steps 8 and 16; no warmup (5% of 8 steps rounds to 0).
 TINY = dict(variants="mu", depth=1, image_size=16, patch_size=8, batch_size=16,
