@@ -84,6 +84,24 @@ def add_model_and_data(parser, workdir_flag):
                         help="square input resolution (default: the model's)")
 
 
+def workdir_setting(workdir, key):
+    """A setting recorded in a kvs-pretrain workdir's config.json, or None
+    (no workdir, no config.json, or no such key).
+
+    Args:
+        workdir: a run directory (or None).
+        key: the setting, e.g. "fewshot_dataset".
+    """
+    import os
+
+    from keras_vitscale.training import run_log
+
+    path = os.path.join(str(workdir), "config.json") if workdir else None
+    if path is None or not os.path.isfile(path):
+        return None
+    return run_log.read_json(path).get(key)
+
+
 def fail(message, prog=None):
     """Prints a bad-settings error (one line, no traceback); returns 2.
 

@@ -30,16 +30,6 @@ def build_parser():
     return p
 
 
-def _workdir_downstream(workdir):
-    """The --fewshot-dataset a kvs-pretrain workdir recorded, if any."""
-    from keras_vitscale.training import run_log
-
-    path = os.path.join(workdir, "config.json") if workdir else None
-    if path is None or not os.path.isfile(path):
-        return None
-    return run_log.read_json(path).get("fewshot_dataset")
-
-
 def main(argv=None):
     """Prints the few-shot table; returns the exit status (see the epilog)."""
     args = build_parser().parse_args(argv)
@@ -52,7 +42,7 @@ def main(argv=None):
         return common.fail(f"--workdir {args.workdir} has no final model ({args.workdir}/model "
                            "is missing): give a finished kvs-pretrain workdir, or --preset.")
     if args.dataset is None:
-        args.dataset = _workdir_downstream(args.workdir) or "digits"
+        args.dataset = common.workdir_setting(args.workdir, "fewshot_dataset") or "digits"
     try:
         shots = check_shots(args.shots)
         l2_reg = args.l2_reg if args.l2_reg == "auto" else float(args.l2_reg)
