@@ -75,9 +75,8 @@ def add_model_and_data(parser, workdir_flag):
                                         "hf://org/repo")
     which.add_argument(workdir_flag, help="a kvs-pretrain workdir (uses WORKDIR/model)")
     parser.add_argument("--dataset", default="digits",
-                        help="digits | digits:CLASSES (e.g. digits:6-9) | synthetic | folder:PATH | "
-                             "tfds:NAME[:SPLIT] "
-                             "(default: digits)")
+                        help="digits | digits:CLASSES (e.g. digits:6-9) | synthetic | "
+                             "folder:PATH | tfds:NAME[:SPLIT] (default: digits)")
     parser.add_argument("--data-dir", default=None,
                         help="TFDS data directory (never downloads)")
     parser.add_argument("--image-size", type=int, default=None,

@@ -207,7 +207,8 @@ def main(argv=None, args=None, default_workdir=DEFAULT_WORKDIR, entry=None):
     if status is not None:
         return status
     acc = summary["val_accuracy"]
-    print(f"\nstep {summary['step']}: held-out accuracy on {settings['dataset'] or settings_lib.BASE['dataset']} "
+    dataset = settings["dataset"] or settings_lib.BASE["dataset"]
+    print(f"\nstep {summary['step']}: held-out accuracy on {dataset} "
           f"{'n/a' if acc is None else f'{acc:.4f}'}, loss {summary['val_loss']}; "
           f"{summary['seconds']} s; outputs in {settings['workdir']}")
     if summary["fewshot"] is not None:

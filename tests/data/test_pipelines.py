@@ -142,7 +142,8 @@ def test_bad_digit_class_splits_name_the_value_and_the_forms(spec, match):
 
 
 def test_unknown_dataset_names_the_choices():
-    with pytest.raises(ValueError, match=r"Unknown dataset 'imagenet'.*digits, digits:CLASSES, synthetic"):
+    with pytest.raises(ValueError,
+                       match=r"Unknown dataset 'imagenet'.*digits, digits:CLASSES, synthetic"):
         data.load_source("imagenet")
     with pytest.raises(ValueError, match="does not match dataset 'digits'"):
         data.load_source("digits", num_classes=3)

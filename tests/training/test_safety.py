@@ -113,7 +113,8 @@ def test_checkpoint_refuses_non_finite_parameters(tmp_path):
     ({"steps": 5}, "--steps 5 is not a multiple of --log-every 2"),
     ({"dataset": "digits:0-11"}, r"'0-11' is not within the digits 0-9"),
     ({"fewshot": "1", "fewshot_dataset": "digits:"}, r"--fewshot-dataset: .*'' is not a digit"),
-    ({"fewshot": "1", "fewshot_dataset": "digits:6-10"}, r"--fewshot-dataset: .*not within the digits 0-9"),
+    ({"fewshot": "1", "fewshot_dataset": "digits:6-10"},
+     r"--fewshot-dataset: .*not within the digits 0-9"),
     ({"fewshot": "1", "fewshot_dataset": "digits:5-9"},
      r"--fewshot-dataset 'digits:5-9' shares the classes \[5\] with --dataset 'digits:0-5'"),
 ])
