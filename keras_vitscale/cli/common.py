@@ -75,12 +75,30 @@ def add_model_and_data(parser, workdir_flag):
                                         "hf://org/repo")
     which.add_argument(workdir_flag, help="a kvs-pretrain workdir (uses WORKDIR/model)")
     parser.add_argument("--dataset", default="digits",
-                        help="digits | synthetic | folder:PATH | tfds:NAME[:SPLIT] "
-                             "(default: digits)")
+                        help="digits | digits:CLASSES (e.g. digits:6-9) | synthetic | "
+                             "folder:PATH | tfds:NAME[:SPLIT] (default: digits)")
     parser.add_argument("--data-dir", default=None,
                         help="TFDS data directory (never downloads)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="square input resolution (default: the model's)")
+
+
+def workdir_setting(workdir, key):
+    """A setting recorded in a kvs-pretrain workdir's config.json, or None
+    (no workdir, no config.json, or no such key).
+
+    Args:
+        workdir: a run directory (or None).
+        key: the setting, e.g. "fewshot_dataset".
+    """
+    import os
+
+    from keras_vitscale.training import run_log
+
+    path = os.path.join(str(workdir), "config.json") if workdir else None
+    if path is None or not os.path.isfile(path):
+        return None
+    return run_log.read_json(path).get(key)
 
 
 def fail(message, prog=None):

@@ -73,6 +73,10 @@ def main(argv=None):
     if args.student is not None and args.variant is not None:
         return common.fail(f"--student {args.student} and --variant {args.variant} both "
                            "set the student's variant; pass only --student.")
+    if args.dataset is None:
+        # a kvs-pretrain teacher workdir's own data (the default run's digits
+        # 0-5), else all ten digits
+        args.dataset = common.workdir_setting(args.teacher, "dataset") or "digits"
     if args.student is not None:
         args.variant = args.student
     del args.student

@@ -1,12 +1,14 @@
 """kvs-fewshot (`python tools/fewshot.py`): few-shot linear evaluation of a
 trained ViT's features (big_vision's evaluator).
 
-    kvs-fewshot --workdir runs/digits --dataset digits
+    kvs-fewshot --workdir runs/digits --dataset digits:6-9
     kvs-fewshot --preset path/to/preset --dataset folder:/data/pets \\
         --image-size 224 --shots 1,5,10,25 --l2-reg auto
 
 Features are the pre-logits representation; the few-shot examples come from
-the dataset's training split and the accuracy from its held-out split.
+the downstream dataset's training split and the accuracy from its held-out
+split. Without --dataset: the workdir's --fewshot-dataset (digits:6-9 for the
+default run), or digits.
 Exit status: 0 done, 2 bad settings (a missing model, bad shots).
 """
 
@@ -20,6 +22,7 @@ def build_parser():
     p = common.parser("fewshot", __doc__.split("\n\n")[0].split(": ", 1)[1],
                       epilog=__doc__.split("\n\n", 1)[1])
     common.add_model_and_data(p, "--workdir")
+    p.set_defaults(dataset=None)
     p.add_argument("--shots", default="1,5,10,25", help="comma-separated shots (default: 1,5,10,25)")
     p.add_argument("--seeds", type=int, default=3, help="sampling seeds per shot (default: 3)")
     p.add_argument("--l2-reg", default=str(2**10),
@@ -38,6 +41,8 @@ def main(argv=None):
     if args.workdir is not None and not os.path.isdir(os.path.join(args.workdir, "model")):
         return common.fail(f"--workdir {args.workdir} has no final model ({args.workdir}/model "
                            "is missing): give a finished kvs-pretrain workdir, or --preset.")
+    if args.dataset is None:
+        args.dataset = common.workdir_setting(args.workdir, "fewshot_dataset") or "digits"
     try:
         shots = check_shots(args.shots)
         l2_reg = args.l2_reg if args.l2_reg == "auto" else float(args.l2_reg)
@@ -49,6 +54,7 @@ def main(argv=None):
         return common.fail(err)
     result = fewshot_on_source(model, source, size, shots=shots, seeds=args.seeds,
                                l2_reg=l2_reg, progress=True)
+    print(f"few-shot on {args.dataset}:")
     print(result.table())
     return 0
 

@@ -9,6 +9,7 @@ skips records (cheap: images are decoded only after the skip).
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 # from different runs are comparable.
 DIGITS_HELD_OUT = 360
 FOLDER_EVAL_DIRS = ("val", "validation", "test")
-KNOWN = "digits, synthetic, folder:PATH, tfds:NAME[:SPLIT]"
+KNOWN = "digits, digits:CLASSES, synthetic, folder:PATH, tfds:NAME[:SPLIT]"
+DIGIT_CLASS_FORMS = ("a range 'digits:0-5', a list 'digits:0,2,4' or both "
+                     "'digits:0-3,7'; classes are digits 0-9")
 
 
 @dataclasses.dataclass
@@ -68,7 +71,10 @@ def load_source(spec, data_dir=None, num_classes=None, image_size=(32, 32)):
     """Parses a dataset spec and returns its `Source`.
 
     Args:
-        spec: "digits", "synthetic", "folder:PATH" or "tfds:NAME[:SPLIT]".
+        spec: "digits", "digits:CLASSES" (a class split such as "digits:0-5"
+            or "digits:0,2,4": labels remapped to 0..k-1 in class order, each
+            class keeping its examples of the ten-class train/held-out split),
+            "synthetic", "folder:PATH" or "tfds:NAME[:SPLIT]".
         data_dir: TFDS data directory (tfds only; nothing is downloaded).
         num_classes: class count for "synthetic" (default 10); for other
             sources it must match the data if given.
@@ -78,12 +84,13 @@ def load_source(spec, data_dir=None, num_classes=None, image_size=(32, 32)):
     ```python
     source = load_source("digits")
     source.num_classes, source.train.size, source.held_out.size  # 10, 1437, 360
+    load_source("digits:6-9").num_classes                        # 4
     ```
     """
     spec = str(spec)
     kind, _, arg = spec.partition(":")
-    if kind == "digits" and not arg:
-        source = _digits()
+    if kind == "digits":
+        source = _digits(digit_classes(spec))
     elif kind == "synthetic" and not arg:
         source = _synthetic(num_classes or 10, image_size)
     elif kind == "folder" and arg:
@@ -108,7 +115,42 @@ def _array_split(images, labels):
                         lambda i: (tf.gather(images, i), tf.gather(labels, i)))
 
 
-def _digits():
+def digit_classes(spec):
+    """The digit classes a digits spec names, sorted: "digits" is all ten,
+    "digits:0-5" a range, "digits:0,2,4" a list (ranges and lists mix).
+    Anything else is a ValueError naming the spec and the accepted forms.
+
+    Args:
+        spec: a dataset spec starting with "digits".
+
+    Example:
+    ```python
+    digit_classes("digits:0-3,7")  # (0, 1, 2, 3, 7)
+    digit_classes("digits")        # (0, 1, ..., 9)
+    ```
+    """
+    spec = str(spec)
+    kind, colon, arg = spec.partition(":")
+    if kind != "digits":
+        raise ValueError(f"{spec!r} is not a digits spec; use {DIGIT_CLASS_FORMS}.")
+    if not colon:
+        return tuple(range(10))
+    classes = set()
+    for part in arg.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if match is None:
+            raise ValueError(f"Dataset {spec!r}: {part!r} is not a digit or a range "
+                             f"of digits; use {DIGIT_CLASS_FORMS}.")
+        low = int(match.group(1))
+        high = int(match.group(2)) if match.group(2) is not None else low
+        if not 0 <= low <= high <= 9:
+            raise ValueError(f"Dataset {spec!r}: {part!r} is not within the digits "
+                             f"0-9 (or its range runs backwards); use {DIGIT_CLASS_FORMS}.")
+        classes.update(range(low, high + 1))
+    return tuple(sorted(classes))
+
+
+def _digits(classes=tuple(range(10))):
     # scikit-learn ships these 1797 8x8 digits inside the wheel: real data
     # with no download.
     from sklearn.datasets import load_digits
@@ -117,9 +159,19 @@ def _digits():
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     labels = digits.target.astype(np.int32)
+    # The ten-class split first, then the classes: a class split holds
+    # exactly the examples that the full "digits" has for those classes.
     x_tr, x_te, y_tr, y_te = train_test_split(
         images, labels, test_size=DIGITS_HELD_OUT, stratify=labels, random_state=0)
-    return Source("digits", 10, _array_split(x_tr, y_tr), _array_split(x_te, y_te),
+    name = "digits"
+    if len(classes) < 10:
+        remap = np.full(10, -1, np.int32)
+        remap[list(classes)] = np.arange(len(classes), dtype=np.int32)
+        keep_tr, keep_te = remap[y_tr] >= 0, remap[y_te] >= 0
+        x_tr, y_tr = x_tr[keep_tr], remap[y_tr[keep_tr]]
+        x_te, y_te = x_te[keep_te], remap[y_te[keep_te]]
+        name = "digits:" + ",".join(map(str, classes))
+    return Source(name, len(classes), _array_split(x_tr, y_tr), _array_split(x_te, y_te),
                   natural_images=False, eval_crop_fraction=1.0)
 
 

@@ -1,7 +1,8 @@
 """A run's settings: recipes (named bundles of defaults), then explicit flags.
 
-`BASE` is the embedded default: a small ViT on the bundled digits data that
-reaches >= 95% held-out accuracy in a few minutes on a laptop CPU. A recipe
+`BASE` is the embedded default: a small ViT pretrained on the bundled digits
+0-5 in a few minutes on a laptop CPU, then judged by few-shot transfer to the
+digits 6-9 it never saw (the downstream source, "fewshot_dataset"). A recipe
 changes only the training choices; the model and data stay `BASE`'s unless
 flags say otherwise, so `--recipe scaling_vit` alone is a quick smoke run.
 Warmup and cooldown are given as fractions of the run in a recipe, turned
@@ -21,6 +22,7 @@ from keras_vitscale import hub
 from keras_vitscale import presets
 from keras_vitscale import schedules
 from keras_vitscale.config import ViTConfig
+from keras_vitscale.data.sources import digit_classes
 from keras_vitscale.evaluation.on_source import check_shots
 
 BASE = dict(
@@ -30,7 +32,7 @@ BASE = dict(
     pooling="gap", posemb="sincos2d", block="sequential", dropout=0.0,
     image_size=32, dtype_policy="float32",
     # data
-    dataset="digits", data_dir=None, batch_size=64, augment="none", train_crop=None,
+    dataset="digits:0-5", data_dir=None, batch_size=64, augment="none", train_crop=None,
     flip=None, label_smoothing=0.0,
     # optimisation
     steps=600, optimizer="adam", lr=2e-3, schedule="cosine",
@@ -38,7 +40,7 @@ BASE = dict(
     weight_decay=1e-4, head_weight_decay=None, clipnorm=1.0, loss="softmax",
     # bookkeeping
     seed=0, checkpoint_every=200, keep_checkpoints=3, eval_every=200, log_every=20,
-    mesh=None, tpu=None, fewshot="auto", tensorboard=False, wandb=None,
+    mesh=None, tpu=None, fewshot="auto", fewshot_dataset=None, tensorboard=False, wandb=None,
     # cooldown branches (see training/branch.py)
     branch_from=None, branch_step=None,
     # distillation (see training/distill.py): teacher preset or workdir
@@ -88,6 +90,7 @@ OPTIMIZERS = ("adafactor", "adam", "shampoo")
 LOSSES = ("softmax", "sigmoid")
 # Settings that may change between a run and its resumption.
 RESUMABLE_CHANGES = ("checkpoint_every", "keep_checkpoints", "eval_every", "fewshot",
+                     "fewshot_dataset",
                      "progress", "workdir", "data_dir", "tpu", "tensorboard", "wandb")
 # Real-valued settings: finite (JSON has no NaN), with their lower bound.
 NUMBERS = {"lr": 0.0, "weight_decay": 0.0, "head_weight_decay": 0.0, "clipnorm": 0.0,
@@ -113,6 +116,66 @@ def parse_fewshot(value):
     if value in (None, "none"):
         return []
     return check_shots(str(value), flag="--fewshot")
+
+
+def _is_digits(spec):
+    return str(spec).partition(":")[0] == "digits"
+
+
+def _class_spec(classes):
+    """(6, 7, 8, 9) -> "digits:6-9"; (0, 2, 3) -> "digits:0,2-3"."""
+    runs = []
+    for c in classes:
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return "digits:" + ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def default_fewshot_dataset(dataset):
+    """The downstream source when none is given: for a digits class split,
+    the other digits (transfer to classes never trained on); otherwise the
+    run's own dataset.
+
+    Example:
+    ```python
+    default_fewshot_dataset("digits:0-5")  # "digits:6-9"
+    default_fewshot_dataset("digits")      # "digits"
+    ```
+    """
+    if _is_digits(dataset):
+        rest = sorted(set(range(10)) - set(digit_classes(dataset)))
+        if rest:
+            return _class_spec(rest)
+    return dataset
+
+
+def check_fewshot_dataset(dataset, downstream):
+    """Raises a ValueError, naming the value, for a downstream digits split
+    that is malformed, leaves no class, names a digit outside 0-9, or shares
+    some (not all) classes with the upstream digits split: its few-shot
+    numbers would mix seen and unseen classes. The upstream's own classes
+    (the pretraining task again) stay allowed.
+
+    Args:
+        dataset: the upstream (pretraining) dataset spec.
+        downstream: the --fewshot-dataset spec.
+    """
+    if not _is_digits(downstream):
+        return
+    try:
+        down = set(digit_classes(downstream))
+    except ValueError as err:
+        raise ValueError(f"--fewshot-dataset: {err}") from None
+    if _is_digits(dataset):
+        up = set(digit_classes(dataset))
+        if down != up and down & up:
+            raise ValueError(
+                f"--fewshot-dataset {downstream!r} shares the classes "
+                f"{sorted(down & up)} with --dataset {dataset!r}: downstream classes "
+                "must be ones the model never trained on (e.g. "
+                f"{default_fewshot_dataset(dataset)!r}), or exactly the upstream ones.")
 
 
 def build_schedule(config):
@@ -172,7 +235,12 @@ def resolve(settings):
     if not 0.0 <= config["label_smoothing"] < 1.0:
         raise ValueError(f"--label-smoothing {config['label_smoothing']} must be in [0, 1).")
     if config["fewshot"] == "auto":
-        config["fewshot"] = "1,5,10" if config["dataset"] == "digits" else "none"
+        config["fewshot"] = "1,5,10" if _is_digits(config["dataset"]) else "none"
+    if _is_digits(config["dataset"]):
+        digit_classes(config["dataset"])  # a bad class split, before any work
+    if config["fewshot_dataset"] is None:
+        config["fewshot_dataset"] = default_fewshot_dataset(config["dataset"])
+    check_fewshot_dataset(config["dataset"], config["fewshot_dataset"])
     for name in ("checkpoint_every", "eval_every", "log_every", "batch_size",
                  "keep_checkpoints"):
         if int(config[name]) < 1:

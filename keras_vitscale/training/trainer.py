@@ -159,7 +159,8 @@ def train(settings, log=None, progress=True, spec=None):
 
     Returns:
         {"step", "val_accuracy", "val_loss", "fewshot" (a FewShotResult or
-        None), "seconds", "resumed_from"}.
+        None), "fewshot_dataset" (the source it is on), "seconds",
+        "resumed_from"}.
 
     Raises:
         ValueError: bad settings, named, before anything is written.
@@ -198,6 +199,11 @@ def train(settings, log=None, progress=True, spec=None):
     source = data.load_source(config["dataset"], config["data_dir"],
                               num_classes=config.get("num_classes"), image_size=size)
     config["num_classes"] = source.num_classes
+    shots = settings_lib.parse_fewshot(config["fewshot"])
+    downstream = source
+    if shots and config["fewshot_dataset"] != config["dataset"]:
+        downstream = data.load_source(config["fewshot_dataset"], config["data_dir"],
+                                      image_size=size)
     vit_config = spec.model_config(config, explicit)
     settings_lib.record_model(config, vit_config)
     if spec.check is not None:
@@ -263,14 +269,14 @@ def train(settings, log=None, progress=True, spec=None):
         plot_curves(metrics_path, workdir / "curves.png")
     summary = {"step": final["step"], "val_accuracy": final.get("val_accuracy"),
                "val_loss": final.get("val_loss"), "resumed_from": start if resuming else None,
-               "fewshot": None}
-    shots = settings_lib.parse_fewshot(config["fewshot"])
+               "fewshot": None, "fewshot_dataset": None}
     if shots:
-        result = fewshot_on_source(model, source, size, shots)
-        summary["fewshot"] = result
+        result = fewshot_on_source(model, downstream, size, shots)
+        summary["fewshot"], summary["fewshot_dataset"] = result, config["fewshot_dataset"]
         if chief:
-            run_log.write_json_atomic(workdir / "fewshot.json",
-                                      {str(k): v for k, v in result.mean.items()})
+            run_log.write_json_atomic(workdir / "fewshot.json", {
+                "dataset": config["fewshot_dataset"],
+                **{str(k): v for k, v in result.mean.items()}})
             loggers.log_fewshot(result, final["step"])
     loggers.finish()
     devices.wait_for_all_processes("keras_vitscale.train:end")

@@ -52,3 +52,19 @@ def test_missing_workdir_and_zero_shots_are_bad_settings(tmp_path, capsys):
     assert _tool().main(["--preset", str(tmp_path / "preset"), "--shots", "0"]) == 2
     assert "--shots [0]" in capsys.readouterr().err
     assert _tool().main(["--preset", str(tmp_path / "preset"), "--shots", "1,x"]) == 2
+
+
+def test_workdir_default_is_its_downstream_source(tmp_path, capsys):
+    # A kvs-pretrain workdir records --fewshot-dataset; without --dataset the
+    # tool evaluates there (the default run's digits 6-9), and says so.
+    model = kvs.ViT(variant="mu/8", image_size=16, num_classes=6, head_zero_init=False)
+    model.save_to_preset(tmp_path / "model")
+    (tmp_path / "config.json").write_text('{"fewshot_dataset": "digits:6-9"}')
+    assert _tool().main(["--workdir", str(tmp_path), "--shots", "1", "--seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "few-shot on digits:6-9:" in out
+    assert _tool().main(["--workdir", str(tmp_path), "--shots", "1", "--seeds", "1",
+                         "--dataset", "digits:0,1"]) == 0
+    assert "few-shot on digits:0,1:" in capsys.readouterr().out
+    assert _tool().main(["--workdir", str(tmp_path), "--dataset", "digits:7-11"]) == 2
+    assert "'7-11' is not within the digits 0-9" in capsys.readouterr().err

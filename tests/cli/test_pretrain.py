@@ -60,6 +60,13 @@ def test_ctrl_c_before_training_says_so(tmp_path, capsys, monkeypatch):
     (["--dataset", "synthetic"], "--workdir is required for datasets other than digits"),
     (["--branch-from", "runs/x"], "--workdir is required with --branch-from"),
     (["--lr", "nan", "--workdir", "{tmp}"], "--lr nan"),
+    # downstream digits splits: overlapping, empty, outside 0-9
+    (["--fewshot-dataset", "digits:3-7", "--workdir", "{tmp}"],
+     "shares the classes [3, 4, 5] with --dataset 'digits:0-5'"),
+    (["--fewshot-dataset", "digits:", "--workdir", "{tmp}"], "'' is not a digit"),
+    (["--fewshot-dataset", "digits:6-10", "--workdir", "{tmp}"],
+     "'6-10' is not within the digits 0-9"),
+    (["--dataset", "digits:0-5,x", "--workdir", "{tmp}"], "'x' is not a digit"),
 ])
 def test_bad_settings_exit_2_with_one_line(argv, message, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path / "run")) for a in argv]

@@ -101,8 +101,49 @@ def test_bad_augment_specs(spec, match):
         data.parse_augment(spec)
 
 
+def test_digits_class_split_keeps_each_class_examples_and_remaps_labels(digits):
+    from keras_vitscale.data.sources import digit_classes
+
+    assert digit_classes("digits") == tuple(range(10))
+    assert digit_classes("digits:6-9") == (6, 7, 8, 9)
+    assert digit_classes("digits:4,0,2") == (0, 2, 4)
+    assert digit_classes("digits:0-2,7") == (0, 1, 2, 7)
+
+    def arrays(source, split):
+        ds = data.eval_dataset(source, 2000, (8, 8), one_hot=False, split=split)
+        (x, y), = _batches(ds, 1)
+        return x, y
+
+    for spec, classes in (("digits:6-9", (6, 7, 8, 9)), ("digits:0,2,4", (0, 2, 4))):
+        split = data.load_source(spec)
+        assert split.num_classes == len(classes) and split.name == spec
+        for which in ("train", "held_out"):
+            x_all, y_all = arrays(digits, getattr(digits, which))
+            x, y = arrays(split, getattr(split, which))
+            keep = np.isin(y_all, classes)
+            # the same examples as the ten-class split, in order, labels 0..k-1
+            np.testing.assert_array_equal(x, x_all[keep])
+            np.testing.assert_array_equal(np.asarray(classes)[y], y_all[keep])
+            assert sorted(set(y.tolist())) == list(range(len(classes)))
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("digits:", r"'digits:': '' is not a digit"),
+    ("digits:6-10", r"'6-10' is not within the digits 0-9"),
+    ("digits:12", r"'12' is not within the digits 0-9"),
+    ("digits:5-3", r"'5-3' is not within the digits 0-9 \(or its range runs backwards"),
+    ("digits:a,b", r"'a' is not a digit or a range"),
+    ("digits:1,,2", r"'' is not a digit"),
+])
+def test_bad_digit_class_splits_name_the_value_and_the_forms(spec, match):
+    with pytest.raises(ValueError, match=match) as info:
+        data.load_source(spec)
+    assert "'digits:0-5'" in str(info.value) and "'digits:0,2,4'" in str(info.value)
+
+
 def test_unknown_dataset_names_the_choices():
-    with pytest.raises(ValueError, match=r"Unknown dataset 'imagenet'.*digits, synthetic"):
+    with pytest.raises(ValueError,
+                       match=r"Unknown dataset 'imagenet'.*digits, digits:CLASSES, synthetic"):
         data.load_source("imagenet")
     with pytest.raises(ValueError, match="does not match dataset 'digits'"):
         data.load_source("digits", num_classes=3)

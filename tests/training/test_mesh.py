@@ -114,7 +114,7 @@ def test_mesh_matches_single_device(runs, name):
 
 
 def test_mesh_val_accuracy_matches_single_device(runs):
-    # On a mesh the 360 held-out digits are padded to 368 with zero-weight
+    # On a mesh the 217 held-out digits 0-5 are padded to 224 with zero-weight
     # examples; a weighted accuracy does not count them.
     single = runs["single"]["val_accuracy"]
     for name in ("data8", "dp4mp2", "fsdp8", "fsdp4mp2"):

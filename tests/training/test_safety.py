@@ -109,6 +109,12 @@ def test_checkpoint_refuses_non_finite_parameters(tmp_path):
     ({"fewshot": "0"}, "--fewshot"),
     ({"fewshot": "1,x"}, "--fewshot"),
     ({"steps": 5}, "--steps 5 is not a multiple of --log-every 2"),
+    ({"dataset": "digits:0-11"}, r"'0-11' is not within the digits 0-9"),
+    ({"fewshot": "1", "fewshot_dataset": "digits:"}, r"--fewshot-dataset: .*'' is not a digit"),
+    ({"fewshot": "1", "fewshot_dataset": "digits:6-10"},
+     r"--fewshot-dataset: .*not within the digits 0-9"),
+    ({"fewshot": "1", "fewshot_dataset": "digits:5-9"},
+     r"--fewshot-dataset 'digits:5-9' shares the classes \[5\] with --dataset 'digits:0-5'"),
 ])
 def test_bad_inputs_fail_before_training(tmp_path, change, match):
     with pytest.raises(ValueError, match=match):
@@ -156,6 +162,22 @@ def test_mesh_mismatch_message_names_devices_or_backend(tmp_path):
         assert "asks for 64 replicas but TensorFlow sees 1 CPU" in str(info.value)
     else:
         assert "needs the JAX backend" in str(info.value)
+
+
+def test_default_run_transfers_from_digits_0_5_to_6_9():
+    config, _ = resolve({"workdir": "w"})
+    assert (config["dataset"], config["fewshot_dataset"], config["fewshot"]) == (
+        "digits:0-5", "digits:6-9", "1,5,10")
+    # a digits split's default downstream is the other digits; otherwise the run's own
+    assert resolve({"dataset": "digits:0,2,4"})[0]["fewshot_dataset"] == "digits:1,3,5-9"
+    assert resolve({"dataset": "digits"})[0]["fewshot_dataset"] == "digits"
+    assert resolve({"dataset": "digits:0-9"})[0]["fewshot_dataset"] == "digits:0-9"
+    assert resolve({"dataset": "synthetic"})[0]["fewshot_dataset"] == "synthetic"
+    # the upstream classes themselves (the pretraining task again) stay allowed
+    assert resolve({"fewshot_dataset": "digits:0-5"})[0]["fewshot_dataset"] == "digits:0-5"
+    for bad in ("digits:", "digits:7-12", "digits:3-7", "digits:x"):
+        with pytest.raises(ValueError, match="--fewshot-dataset"):
+            resolve({"fewshot_dataset": bad})
 
 
 def test_recipes_resolve_and_flags_override():

@@ -237,7 +237,7 @@ def test_checkpoint_resume_and_preset_under_strategy(results):
 
 @pytest.mark.parametrize("metric", ["val_accuracy", "val_loss"])
 def test_eval_metrics_match_one_device(results, metric):
-    # The held-out split (360 digits) is padded to whole batches under a
+    # The held-out split (217 digits 0-5) is padded to whole batches under a
     # mesh; the padding must not count.
     for optimizer in ("adam", "adafactor"):
         single = results["single"]["runs"][optimizer][metric]
