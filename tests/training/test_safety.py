@@ -173,9 +173,11 @@ def test_default_run_transfers_from_digits_0_5_to_6_9():
     assert resolve({"dataset": "digits"})[0]["fewshot_dataset"] == "digits"
     assert resolve({"dataset": "digits:0-9"})[0]["fewshot_dataset"] == "digits:0-9"
     assert resolve({"dataset": "synthetic"})[0]["fewshot_dataset"] == "synthetic"
-    # the upstream classes themselves (the pretraining task again) stay allowed
-    assert resolve({"fewshot_dataset": "digits:0-5"})[0]["fewshot_dataset"] == "digits:0-5"
-    for bad in ("digits:", "digits:7-12", "digits:3-7", "digits:x"):
+    # overlapping the upstream split, even exactly, is refused: that is the
+    # pretraining task again, not transfer
+    with pytest.raises(ValueError, match=r"shares the classes \[0, 1, 2, 3, 4, 5\]"):
+        resolve({"fewshot_dataset": "digits:0-5"})
+    for bad in ("digits:", "digits:7-12", "digits:3-7", "digits:x", "digits"):
         with pytest.raises(ValueError, match="--fewshot-dataset"):
             resolve({"fewshot_dataset": bad})
 
