@@ -135,7 +135,7 @@ def test_fsdp_shards_weights_and_optimizer_state(runs):
         f"{LAYER}/mlp/dense_1/kernel": ([None, "fsdp"], [32, 16]),
         f"{LAYER}/mlp/dense_2/kernel": (["fsdp", None], [16, 32]),
         "patch_embedding/kernel": ([None, None, None, "fsdp"], [4, 4, 3, 4]),
-        "head/kernel": ([None, None], [32, 10]),        # 320 < 512 elements: replicated
+        "head/kernel": ([None, None], [32, 6]),         # 192 < 512 elements: replicated
         f"{LAYER}/mlp/dense_1/bias": ([None], [128]),
     }
     for path, (spec, shard) in expected.items():
