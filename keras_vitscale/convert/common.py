@@ -136,11 +136,16 @@ def gather_weights(config, source, recipe, *, source_name, skip=(), ignored=None
     return weights
 
 
-def build_model(config, num_classes, weights_for, *, source_name, name="vit", dtype=None,
-                verbose=False):
-    """The `kvs.ViT` of `config` holding the converted weights.
+def build_model(cls, config, num_classes, weights_for, *, source_name, name="vit",
+                dtype=None, verbose=False):
+    """The `cls` model (a `kvs.ViT`) of `config` holding the converted weights.
+
+    The model class is an argument so that this module never imports
+    model.py: the pretrained-weights loader, which model.py imports, uses it.
 
     Args:
+        cls: the model class, `kvs.ViT` (called as `cls(config=..., name=...,
+            dtype=...)`).
         config: the `ViTConfig` read from the source (its head included).
         num_classes: None keeps the source's head; 0 drops it (features
             out); another count gets a fresh head of that size.
@@ -151,18 +156,17 @@ def build_model(config, num_classes, weights_for, *, source_name, name="vit", dt
 
     Example:
     ```python
-    model = build_model(config, None, lambda c, drop: convert_params(params, c, drop),
+    model = build_model(kvs.ViT, config, None,
+                        lambda c, drop: convert_params(params, c, drop),
                         source_name="from_big_vision")
     ```
     """
-    from keras_vitscale.model import ViT
-
     source_classes = config.num_classes
     if num_classes is not None:
         config = config.replace(num_classes=num_classes)
     new_head = config.num_classes != source_classes
     weights = weights_for(config, new_head)
-    model = ViT(config=config, name=name, dtype=dtype)
+    model = cls(config=config, name=name, dtype=dtype)
     assign_weights(model, weights, verbose=verbose)
     if new_head:
         logger.info("%s: dropped the source's %d-class head; %s", source_name, source_classes,

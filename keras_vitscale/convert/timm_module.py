@@ -23,6 +23,7 @@ reference = to_timm(config)          # random weights, same layout
 import functools
 
 from keras_vitscale.config import ViTConfig
+from keras_vitscale.convert.timm_layout import unsupported_message
 
 # timm's global_pool -> our pooling.
 POOLINGS = {"token": "tok", "avg": "gap", "map": "map", "": "none"}
@@ -220,14 +221,6 @@ def _gelu_flavour(act):
     if type(act).__module__.startswith("timm."):
         return {"GELU": "exact", "GELUTanh": "tanh"}.get(type(act).__name__)
     return None
-
-
-def unsupported_message(problems):
-    listed = "\n  - ".join(problems)
-    return (f"The timm model uses option(s) that ViTConfig cannot express:\n  - {listed}\n"
-            "Convert a plain timm VisionTransformer (pre-norm Block or "
-            "ParallelScalingBlock, LayerNorm, GELU, token/avg/map/'' pooling) or extend "
-            "ViTConfig first.")
 
 
 def to_timm(config, fuse_out_proj=True):

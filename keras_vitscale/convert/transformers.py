@@ -89,8 +89,10 @@ def from_transformers(source, variant=None, *, use_pooler=False, name="vit", dty
     hf_config, state = load_checkpoint(source)
     num_classes = overrides.pop("num_classes", None)
     config = config_from_hf(hf_config, state, variant, use_pooler=use_pooler, **overrides)
+    from keras_vitscale.model import ViT
+
     return build_model(
-        config, num_classes,
+        ViT, config, num_classes,
         lambda config, drop_head: convert_state(state, config, drop_head, use_pooler),
         source_name="from_transformers", name=name, dtype=dtype, verbose=verbose)
 

@@ -36,11 +36,11 @@ def test_build_model_keeps_drops_or_replaces_the_head():
         weights = zero_weights(config)
         return {p: w for p, w in weights.items() if not (drop_head and p.startswith("head/"))}
 
-    kept = common.build_model(CONFIG, None, weights_for, source_name="test")
+    kept = common.build_model(kvs.ViT, CONFIG, None, weights_for, source_name="test")
     assert kept.config.num_classes == 3
-    features = common.build_model(CONFIG, 0, weights_for, source_name="test")
+    features = common.build_model(kvs.ViT, CONFIG, 0, weights_for, source_name="test")
     assert not [v for v in features.weights if v.path.startswith("head/")]
-    assert common.build_model(CONFIG, 7, weights_for, source_name="test").config.num_classes == 7
+    assert common.build_model(kvs.ViT, CONFIG, 7, weights_for, source_name="test").config.num_classes == 7
 
 
 def test_variant_fields_fix_the_shape_only():
@@ -55,3 +55,23 @@ def test_infer_grid_reads_a_class_token_position():
     assert common.infer_grid(196, True, (16, 16)) == ((224, 224), False)
     with pytest.raises(ValueError, match="pass image_size="):
         common.infer_grid(31, False, (8, 16))
+
+
+def test_the_loader_side_of_convert_never_reaches_the_model():
+    # The pretrained-weights loader, which model.py imports, uses these three;
+    # an import of model.py anywhere below them (even inside a function)
+    # would be a cycle. Transitive, so a new helper module cannot hide one.
+    from test_import_graph import import_graph
+
+    graph = import_graph()
+    roots = ["keras_vitscale.convert.timm_layout", "keras_vitscale.convert.common",
+             "keras_vitscale.convert.files"]
+    reached, todo = set(), list(roots)
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo.extend(graph[module])
+    assert set(roots) <= reached
+    assert not reached & {"keras_vitscale.model", "keras_vitscale.hub",
+                          "keras_vitscale.convert.timm"}, sorted(reached)

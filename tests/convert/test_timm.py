@@ -19,7 +19,7 @@ timm = pytest.importorskip("timm")
 
 import keras_vitscale as kvs  # noqa: E402
 from keras_vitscale import convert  # noqa: E402
-from keras_vitscale.convert import timm as timm_convert  # noqa: E402
+from keras_vitscale.convert import timm_layout  # noqa: E402
 from keras_vitscale.convert import timm_module, verify  # noqa: E402
 TOL = 1e-4  # float32, max |logit difference|
 
@@ -110,7 +110,7 @@ def test_standard_models_match_timm(fixture, params, request):
 def test_state_dict_settings_equal_module_settings(fixture, request):
     # num_heads comes from the VARIANTS table (Ti: 3, S: 6) for a bare state dict.
     source, model = request.getfixturevalue(fixture)
-    assert timm_convert.config_from_state_dict(source.state_dict()) == model.config
+    assert timm_layout.config_from_state_dict(source.state_dict()) == model.config
 
 
 # ---- small custom models: one feature each -------------------------------------
@@ -169,7 +169,7 @@ def test_state_dict_settings_match_module_settings(name, custom_timm, custom_con
                  image_size=(48, 80), gelu="tanh", layer_norm_epsilon=1e-5, num_heads=4),
              "no_posemb_no_pool": dict(image_size=64, pooling="none", num_heads=4),
              "map": dict(num_heads=4), "avg_fc_norm_no_embed_class": dict(num_heads=4)}
-    config = timm_convert.config_from_state_dict(custom_timm[name].state_dict(),
+    config = timm_layout.config_from_state_dict(custom_timm[name].state_dict(),
                                                  **given.get(name, {}))
     assert config == custom_converted[name].config
 
@@ -257,7 +257,7 @@ def test_parallel_scaling_block_models_match_timm(name, parallel_models):
     # A bare state dict gives the same settings, and to_timm rebuilds timm's
     # layout from them: the state dict loads strictly.
     state = source.state_dict()
-    assert timm_convert.config_from_state_dict(state, num_heads=4) == c
+    assert timm_layout.config_from_state_dict(state, num_heads=4) == c
     fused = kwargs.get("fuse_out_proj", True)
     timm_module.to_timm(c, fuse_out_proj=fused).load_state_dict(state, strict=True)
     if not fused:  # verify() picks that layout itself (one forward pass is enough)
