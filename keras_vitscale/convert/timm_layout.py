@@ -36,7 +36,7 @@ import re
 import numpy as np
 
 from keras_vitscale.config import VARIANTS, ViTConfig
-from keras_vitscale.convert.common import Source, gather_weights, infer_grid
+from keras_vitscale.convert.common import Source, gather_weights, infer_grid, shapes_of
 
 logger = logging.getLogger("keras_vitscale")
 
@@ -101,7 +101,8 @@ def config_from_state_dict(state_dict, **overrides):
     """Infers a `ViTConfig` from the key names and shapes of a timm state dict.
 
     Args:
-        state_dict: `{timm name: tensor or array}`.
+        state_dict: `{timm name: tensor or array}`, a lazy reader with
+            `.shapes`, or `{timm name: shape}`; no tensor data is read.
         **overrides: `ViTConfig` fields that win over the inference;
             `num_heads` and `image_size` also guide it.
 
@@ -109,7 +110,7 @@ def config_from_state_dict(state_dict, **overrides):
         ValueError: for keys of unsupported features, or when `num_heads` or
             the image size cannot be inferred (the message says what to pass).
     """
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    shapes = shapes_of(state_dict)
     problems = sorted({option for key in shapes for pattern, option in UNSUPPORTED_KEYS
                        if re.fullmatch(pattern, key)})
     if "attn_pool.latent" in shapes and shapes["attn_pool.latent"][1] != 1:

@@ -40,7 +40,8 @@ def test_build_model_keeps_drops_or_replaces_the_head():
     assert kept.config.num_classes == 3
     features = common.build_model(kvs.ViT, CONFIG, 0, weights_for, source_name="test")
     assert not [v for v in features.weights if v.path.startswith("head/")]
-    assert common.build_model(kvs.ViT, CONFIG, 7, weights_for, source_name="test").config.num_classes == 7
+    fresh = common.build_model(kvs.ViT, CONFIG, 7, weights_for, source_name="test")
+    assert fresh.config.num_classes == 7
 
 
 def test_variant_fields_fix_the_shape_only():
@@ -75,3 +76,58 @@ def test_the_loader_side_of_convert_never_reaches_the_model():
     assert set(roots) <= reached
     assert not reached & {"keras_vitscale.model", "keras_vitscale.hub",
                           "keras_vitscale.convert.timm"}, sorted(reached)
+
+
+class CountingSource(common.collections.abc.Mapping):
+    """A mapping's values as fresh float64 copies, one per lookup, counting
+    how many earlier ones are still alive at each lookup.
+
+    float64, so that whoever takes one converts it: JAX on CPU may keep a
+    float32 numpy array as a variable's own buffer, which is the model's
+    memory, not an array held over.
+    """
+
+    def __init__(self, inner):
+        self.inner, self.alive, self.most_alive, self.lookups = inner, [], 0, 0
+        self.shapes = common.shapes_of(inner)
+
+    def __getitem__(self, key):
+        import weakref
+
+        self.alive = [ref for ref in self.alive if ref() is not None]
+        self.most_alive = max(self.most_alive, len(self.alive))
+        array = np.array(self.inner[key], dtype="float64")
+        self.lookups += 1
+        self.alive.append(weakref.ref(array))
+        return array
+
+    def __iter__(self):
+        return iter(self.inner)
+
+    def __len__(self):
+        return len(self.inner)
+
+
+def test_conversion_holds_one_tensor_at_a_time(rng):
+    # Source keys are our paths; kernels stored transposed, as torch does.
+    shapes = CONFIG.parameter_shapes()
+    arrays = {p: rng.standard_normal(s[::-1] if p.endswith("/kernel") else s)
+              for p, s in shapes.items()}
+    source = CountingSource(arrays)
+    recipe = lambda path, shape: common.Source(  # noqa: E731
+        (path,), (shape[::-1] if path.endswith("/kernel") else shape,),
+        (lambda w: w.T) if path.endswith("/kernel") else (lambda w: w))
+    weights = common.gather_weights(CONFIG, source, recipe, source_name="test")
+    assert isinstance(weights, common.ConvertedWeights) and source.lookups == 0
+    assert weights.nbytes == 4 * CONFIG.count_params()
+    converted = CountingSource(weights)  # what assign_weights is handed, counted
+    model = kvs.ViT(config=CONFIG)
+    common.assign_weights(model, converted, verbose=True)
+    # Each source tensor read once, and neither it nor its converted array
+    # outlives its own assignment.
+    assert source.lookups == converted.lookups == len(shapes)
+    assert source.most_alive == converted.most_alive == 0
+    for variable in model.weights:
+        want = arrays[variable.path].astype("float32")
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable),
+                                      want.T if variable.path.endswith("/kernel") else want)
