@@ -259,6 +259,42 @@ def gather_weights(config, source, recipe, *, source_name, skip=(), ignored=None
     return ConvertedWeights(plan, source, source_name)
 
 
+def stream_weights(config, source, recipe, *, source_name, verbose=False, **options):
+    """Yields (variable path, float32 array), checked first, one tensor at a time.
+
+    `gather_weights` checks every key and shape before the first item; each
+    array is then read and converted as it is yielded, so a caller that
+    assigns it and lets it go holds the model plus one tensor.
+
+    Args:
+        config, source, recipe, source_name: as `gather_weights`.
+        verbose: show a progress bar (keras Progbar) over the tensors.
+        **options: `skip`, `ignored`, `hint`, as `gather_weights`.
+
+    Raises:
+        ValueError: as `gather_weights`, when called (before iterating).
+
+    Example:
+    ```python
+    for path, array in stream_weights(config, reader, recipe, source_name="timm"):
+        variables[path].assign(array)
+    ```
+    """
+    weights = gather_weights(config, source, recipe, source_name=source_name, **options)
+    return _one_at_a_time(weights, list(weights), verbose)
+
+
+def _one_at_a_time(weights, paths, verbose):
+    """(path, weights[path]) for each path, with an optional progress bar."""
+    import keras
+
+    bar = keras.utils.Progbar(len(paths), unit_name="tensor") if verbose else None
+    for i, path in enumerate(paths):
+        yield path, weights[path]
+        if bar is not None:
+            bar.update(i + 1)
+
+
 def build_model(cls, config, num_classes, weights_for, *, source_name, name="vit",
                 dtype=None, verbose=False):
     """The `cls` model (a `kvs.ViT`) of `config` holding the converted weights.
@@ -325,8 +361,6 @@ def assign_weights(model, weights, verbose=False):
     assign_weights(model, gather_weights(model.config, source, recipe, source_name="x"))
     ```
     """
-    import keras
-
     variables = {v.path: v for v in model.weights}
     expected = model.config.parameter_shapes()
     if set(variables) != set(expected):
@@ -345,12 +379,10 @@ def assign_weights(model, weights, verbose=False):
     if problems:
         raise ValueError(f"{len(problems)} converted weight(s) do not fit the model: "
                          f"{_listed(problems, 5)}; convert with the model's own config.")
-    bar = keras.utils.Progbar(len(shapes), unit_name="tensor") if verbose else None
-    for i, path in enumerate(shapes):
-        # One lookup, one assignment: the array is dropped before the next read.
-        variables[path].assign(weights[path])
-        if bar is not None:
-            bar.update(i + 1)
+    # One lookup, one assignment: the array is dropped before the next read.
+    for path, array in _one_at_a_time(weights, list(shapes), verbose):
+        variables[path].assign(array)
+        del array
 
 
 def variant_fields(variant):
@@ -372,34 +404,42 @@ def variant_fields(variant):
     return fields
 
 
-def infer_grid(length, has_cls, patch, image_size=None, key="position embedding"):
+def infer_grid(length, prefix_tokens, patch, image_size=None, key="position embedding"):
     """(image_size, posemb_covers_class_token) from a position-embedding length.
 
     Args:
         length: positions in the stored embedding.
-        has_cls: whether the model has a class token (which may own one).
+        prefix_tokens: the class and register tokens before the patches
+            (an int; a bool for "has a class token"), which may own positions.
         patch: (ph, pw).
         image_size: the training size when known (required for non-square
-            grids); then only the class-token question is answered.
+            grids); then only the prefix-token question is answered.
         key: the checkpoint's name for the embedding, for messages.
+
+    Example:
+    ```python
+    infer_grid(197, 1, (16, 16))   # ((224, 224), True)
+    infer_grid(1369, 5, (14, 14))  # ((518, 518), False): DINOv2 reg4
+    ```
     """
+    prefix = int(prefix_tokens)
+    tokens = f" (+{prefix} prefix token{'s' if prefix > 1 else ''})" if prefix else ""
     if image_size is not None:
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
         patches = (h // patch[0]) * (w // patch[1])
-        if length == patches or (has_cls and length == patches + 1):
-            return (h, w), length == patches + 1
+        if length == patches or (prefix and length == patches + prefix):
+            return (h, w), length != patches
         raise ValueError(
             f"{key} has {length} positions but image_size {(h, w)} with patch {patch} "
-            f"gives {patches} patches{' (+1 class token)' if has_cls else ''}; pass the "
-            "image size the checkpoint was trained at, then resample with "
-            "ViT.from_preset(..., image_size=...).")
-    # A class token with its own position first: 197 = 14*14 + 1 reads as a
-    # 14x14 grid, not as a 197-patch strip (which no square side gives).
-    for covers in (True, False) if has_cls and length > 1 else (False,):
-        side = math.isqrt(length - covers)
-        if side * side == length - covers:
+            f"gives {patches} patches{tokens}; pass the image size the checkpoint was "
+            "trained at, then resample with ViT.from_preset(..., image_size=...).")
+    # Prefix tokens with their own positions first: 197 = 14*14 + 1 reads as
+    # a 14x14 grid, not as a 197-patch strip (which no square side gives).
+    for covers in (True, False) if prefix and length > prefix else (False,):
+        side = math.isqrt(length - prefix * covers)
+        if side * side == length - prefix * covers:
             return (side * patch[0], side * patch[1]), covers
     raise ValueError(
         f"{key} length {length} is not a square grid"
-        f"{' (with or without a class-token position)' if has_cls else ''}; pass "
-        "image_size=(height, width) for a non-square checkpoint.")
+        f"{f' (with or without {prefix} prefix-token position(s))' if prefix else ''}; "
+        "pass image_size=(height, width) for a non-square checkpoint.")

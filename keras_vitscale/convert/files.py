@@ -32,6 +32,7 @@ import zipfile
 
 import numpy as np
 
+from keras_vitscale.convert.open_clip_layout import is_open_clip, timm_view
 from keras_vitscale.convert.safetensors_reader import SafetensorsReader
 
 logger = logging.getLogger("keras_vitscale")
@@ -63,6 +64,17 @@ def read_safetensors(path):
     return SafetensorsReader(path)
 
 
+def _torch_load(torch, path):
+    # mmap keeps the file's tensors out of memory until they are read; a
+    # legacy (non-zip) file cannot be mapped and is read whole.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_state_dict(path):
     """Reads a timm state dict from .safetensors or .pth/.pt/.bin.
 
@@ -91,7 +103,7 @@ def load_state_dict(path):
             "pip install torch, or use the repository's model.safetensors, which "
             "needs no torch.") from error
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = _torch_load(torch, path)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
         if isinstance(error, FileNotFoundError):
             raise
@@ -109,6 +121,37 @@ def load_state_dict(path):
     if not isinstance(data, dict):
         raise ValueError(f"{path!r} holds a {type(data).__name__}, not a state dict.")
     return data
+
+
+def open_checkpoint(path):
+    """A timm checkpoint file as a timm-layout state dict, read lazily where possible.
+
+    model.safetensors (and any .safetensors) is a `SafetensorsReader`: the
+    header is checked now, each tensor read on lookup, no torch needed.
+    pytorch_model.bin / .pth need torch (`load_state_dict`). An OpenCLIP
+    file (open_clip_model.safetensors) is seen through
+    `open_clip_layout.timm_view`, in timm's names, as timm loads it.
+
+    Args:
+        path: the downloaded weights file.
+
+    Returns:
+        A mapping `{timm name: array}`; its `.shapes` (where present) or
+        `common.shapes_of` give the shapes without reading data.
+
+    Raises:
+        ValueError: a truncated or corrupt file (named, saying to download
+            it again).
+        ImportError: a pickled checkpoint without torch.
+
+    Example:
+    ```python
+    state = open_checkpoint(hf_hub_download("timm/vit_small_patch16_224.augreg_in21k_ft_in1k",
+                                            "model.safetensors"))
+    ```
+    """
+    state = load_state_dict(path)
+    return timm_view(state) if is_open_clip(state) else state
 
 
 # ---- timm: model names and its cache --------------------------------------------

@@ -40,12 +40,11 @@ from keras_vitscale.convert.common import Source, gather_weights, infer_grid, sh
 
 logger = logging.getLogger("keras_vitscale")
 
-logger = logging.getLogger("keras_vitscale")
-
 # Our layer path (a regex on `variable.path` minus the parameter) -> timm's
 # module path. "encoder_norm" is timm's `norm` or `fc_norm`, see `timm_key`.
 LAYER_NAMES = (
     (r"patch_embedding", "patch_embed.proj"),
+    (r"pre_norm", "norm_pre"),
     (r"encoder_block_(\d+)/norm_(\d)", r"blocks.\1.norm\2"),
     (r"encoder_block_(\d+)/attention/qkv", r"blocks.\1.attn.qkv"),
     (r"encoder_block_(\d+)/attention/out", r"blocks.\1.attn.proj"),
@@ -65,20 +64,21 @@ LAYER_NAMES = (
 )
 PARAM_NAMES = {"kernel": "weight", "gamma": "weight", "bias": "bias", "beta": "bias"}
 WHOLE_NAMES = {"class_token/token": "cls_token",
+               "register_tokens/tokens": "reg_token",
                "position_embedding/embedding": "pos_embed",
                "map_head/probe": "attn_pool.latent"}
 
 # timm state-dict keys of features ViTConfig cannot express -> the option.
 UNSUPPORTED_KEYS = (
-    (r"blocks\.\d+\.ls[12]?\.gamma", "LayerScale (timm init_values=..., blocks.N.ls1/ls2/ls)"),
-    (r"reg_token", "register tokens (timm reg_tokens=N)"),
+    (r"blocks\.\d+\.ls\.gamma", "LayerScale in a ParallelScalingBlock (blocks.N.ls; "
+                               "ViTConfig has it for sequential blocks only)"),
     (r"dist_token", "a distillation token (DeiT distilled models)"),
-    (r"norm_pre\..+", "a LayerNorm before the encoder (timm pre_norm=True, norm_pre, as "
-                      "in OpenCLIP towers)"),
     (r"patch_embed\.norm\..+", "a norm in the patch embedding (timm embed_norm_layer)"),
     (r"blocks\.\d+\.attn\.norm\..+", "a norm before the attention projection "
                                      "(timm scale_attn_norm=True)"),
     (r"blocks\.\d+\.mlp\.norm\..+", "a norm inside the MLP (timm scale_mlp_norm=True)"),
+    (r"blocks\.\d+\.mlp\.fc1_[gx]\..+", "an unpacked SwiGLU MLP (timm SwiGLU, fc1_g/fc1_x; "
+                                       "ViTConfig has the packed one, SwiGLUPacked)"),
     (r"blocks\.\d+\.attn\.gate\..+", "gated attention (timm Attention gated=True)"),
     (r"attn_pool\.pos_embed", "a position embedding in the attention pool "
                               "(AttentionPoolLatent pos_embed='abs')"),
@@ -86,6 +86,10 @@ UNSUPPORTED_KEYS = (
                                   "(AttentionPoolLatent qk_norm=True)"),
     (r"head\..+\..+", "a classifier head other than one nn.Linear"),
 )
+
+# The LayerScale init value a state dict is read with: it records the
+# trained scales, not their init, and loading overwrites the init anyway.
+STATE_DICT_LAYER_SCALE = 1e-5
 
 
 def unsupported_message(problems):
@@ -100,6 +104,15 @@ def unsupported_message(problems):
 def config_from_state_dict(state_dict, **overrides):
     """Infers a `ViTConfig` from the key names and shapes of a timm state dict.
 
+    Shapes tell the sizes, biases (patch embedding, head, blocks), qk-norm,
+    the pre-encoder norm (`norm_pre`), register tokens (`reg_token`),
+    LayerScale (`ls1.gamma`; its init value is set to 1e-5, which loading
+    overwrites), the packed SwiGLU MLP (fc1 twice fc2's input), pooling and
+    whether the position embedding covers the prefix tokens. They cannot
+    tell the GELU flavour or LayerNorm epsilon (timm's defaults, exact and
+    1e-6, unless overridden) nor, without qk-norm or a `VARIANTS` shape, the
+    head count.
+
     Args:
         state_dict: `{timm name: tensor or array}`, a lazy reader with
             `.shapes`, or `{timm name: shape}`; no tensor data is read.
@@ -111,20 +124,22 @@ def config_from_state_dict(state_dict, **overrides):
             the image size cannot be inferred (the message says what to pass).
     """
     shapes = shapes_of(state_dict)
-    problems = sorted({option for key in shapes for pattern, option in UNSUPPORTED_KEYS
-                       if re.fullmatch(pattern, key)})
-    if "attn_pool.latent" in shapes and shapes["attn_pool.latent"][1] != 1:
-        problems.append(f"an attention pool with latent_len={shapes['attn_pool.latent'][1]}")
-    if "attn_pool.latent" in shapes and "cls_token" in shapes:
-        problems.append("class_token=True with global_pool='map' (timm's pool skips "
-                        "the class token; the MAP head attends over every token)")
-    if "norm.weight" not in shapes and "fc_norm.weight" not in shapes:
-        problems.append("final_norm=False (no norm.weight nor fc_norm.weight)")
     if "patch_embed.proj.weight" not in shapes:
         raise ValueError(
             "This is not a timm VisionTransformer state dict: it has no "
             f"'patch_embed.proj.weight' (first keys: {sorted(shapes)[:5]}). Strip any "
             "prefix such as 'module.' or 'model.' from the keys first.")
+    problems = sorted({option for key in shapes for pattern, option in UNSUPPORTED_KEYS
+                       if re.fullmatch(pattern, key)})
+    has_cls, has_map = "cls_token" in shapes, "attn_pool.latent" in shapes
+    registers = shapes["reg_token"][1] if "reg_token" in shapes else 0
+    if has_map and shapes["attn_pool.latent"][1] != 1:
+        problems.append(f"an attention pool with latent_len={shapes['attn_pool.latent'][1]}")
+    if has_map and (has_cls or registers):
+        problems.append("global_pool='map' with a class or register token (timm's pool "
+                        "skips the prefix tokens; the MAP head attends over every token)")
+    if "norm.weight" not in shapes and "fc_norm.weight" not in shapes:
+        problems.append("final_norm=False (no norm.weight nor fc_norm.weight)")
     if problems:
         raise ValueError(unsupported_message(problems))
 
@@ -133,39 +148,27 @@ def config_from_state_dict(state_dict, **overrides):
                     default=-1)
     if depth == 0:
         raise ValueError("The state dict has no 'blocks.N.*' keys; nothing to convert.")
-    has_cls, has_map = "cls_token" in shapes, "attn_pool.latent" in shapes
-    if "blocks.0.in_proj.weight" in shapes:  # ParallelScalingBlock
-        b = "blocks.0."
-        blocks = dict(
-            block="parallel", mlp_dim=shapes[b + "in_proj.weight"][0] - 3 * width,
-            qk_norm=b + "q_norm.weight" in shapes, qkv_bias=b + "in_proj.bias" in shapes,
-            attn_out_bias=b + "out_proj.bias" in shapes or b + "attn_out_proj.bias" in shapes,
-            mlp_bias=True, norm_bias=b + "in_norm.bias" in shapes)
-    else:
-        b = "blocks.0.attn."
-        blocks = dict(
-            block="sequential", mlp_dim=shapes["blocks.0.mlp.fc1.weight"][0],
-            qk_norm=b + "q_norm.weight" in shapes, qkv_bias=b + "qkv.bias" in shapes,
-            attn_out_bias=b + "proj.bias" in shapes,
-            mlp_bias="blocks.0.mlp.fc1.bias" in shapes,
-            norm_bias="blocks.0.norm1.bias" in shapes)
-    mlp_dim = blocks["mlp_dim"]
-    fields = dict(
-        **blocks, width=width, depth=depth, patch_size=(ph, pw),
-        in_channels=in_channels, class_token=has_cls,
-        num_classes=shapes["head.weight"][0] if "head.weight" in shapes else 0,
-        # timm's avg pooling is the one that moves the final norm to fc_norm.
-        pooling="map" if has_map else "tok" if has_cls and "fc_norm.weight" not in shapes
-        else "gap",
-        norm_position="after_pool" if "fc_norm.weight" in shapes else "before_pool",
-        # A state dict does not record these; timm's defaults.
-        gelu="exact", layer_norm_epsilon=1e-6)
-    fields["num_heads"] = overrides.get("num_heads") or _infer_heads(shapes, width, depth, mlp_dim)
+    fields = dict(_block_fields(shapes, width), width=width, depth=depth, patch_size=(ph, pw),
+                  in_channels=in_channels, class_token=has_cls, num_register_tokens=registers,
+                  pre_norm="norm_pre.weight" in shapes,
+                  patch_bias="patch_embed.proj.bias" in shapes,
+                  num_classes=shapes["head.weight"][0] if "head.weight" in shapes else 0,
+                  # Without a head there is no bias to have; the default stays.
+                  head_bias="head.bias" in shapes or "head.weight" not in shapes,
+                  # timm's avg pooling is the one that moves the final norm to fc_norm.
+                  pooling="map" if has_map else "tok" if has_cls
+                  and "fc_norm.weight" not in shapes else "gap",
+                  norm_position="after_pool" if "fc_norm.weight" in shapes else "before_pool",
+                  # A state dict does not record these; timm's defaults.
+                  gelu="exact", layer_norm_epsilon=1e-6)
+    fields["num_heads"] = overrides.get("num_heads") or _infer_heads(
+        shapes, width, depth, fields["mlp_dim"])
     image_size = overrides.get("image_size")
     if "pos_embed" in shapes:
         fields["posemb"] = "learn"
         fields["image_size"], fields["posemb_covers_class_token"] = infer_grid(
-            shapes["pos_embed"][1], has_cls, (ph, pw), image_size, key="pos_embed")
+            shapes["pos_embed"][1], int(has_cls) + registers, (ph, pw), image_size,
+            key="pos_embed")
     else:
         if image_size is None:
             raise ValueError("The state dict has no pos_embed, so it does not record the "
@@ -173,6 +176,30 @@ def config_from_state_dict(state_dict, **overrides):
         fields["posemb"] = "none"
     fields.update(overrides)
     return ViTConfig(**fields)
+
+
+def _block_fields(shapes, width):
+    """The block settings of blocks.0 (kind, MLP, biases, qk-norm, LayerScale)."""
+    b = "blocks.0."
+    if b + "in_proj.weight" in shapes:  # ParallelScalingBlock
+        return dict(
+            block="parallel", mlp_dim=shapes[b + "in_proj.weight"][0] - 3 * width,
+            qk_norm=b + "q_norm.weight" in shapes, qkv_bias=b + "in_proj.bias" in shapes,
+            attn_out_bias=b + "out_proj.bias" in shapes or b + "attn_out_proj.bias" in shapes,
+            mlp_bias=True, norm_bias=b + "in_norm.bias" in shapes)
+    fc1, fc2 = shapes.get(b + "mlp.fc1.weight"), shapes.get(b + "mlp.fc2.weight")
+    if fc1 is None or fc2 is None:
+        raise ValueError(f"blocks.0 has no mlp.fc1.weight and mlp.fc2.weight (keys: "
+                         f"{sorted(k for k in shapes if k.startswith(b))[:8]}); not a timm "
+                         "Block or ParallelScalingBlock.")
+    # A packed SwiGLU's fc1 holds the gate and the value: twice fc2's input.
+    swiglu = fc1[0] == 2 * fc2[1]
+    return dict(
+        block="sequential", mlp_type="swiglu" if swiglu else "gelu", mlp_dim=fc2[1],
+        qk_norm=b + "attn.q_norm.weight" in shapes, qkv_bias=b + "attn.qkv.bias" in shapes,
+        attn_out_bias=b + "attn.proj.bias" in shapes, mlp_bias=b + "mlp.fc1.bias" in shapes,
+        norm_bias=b + "norm1.bias" in shapes,
+        layer_scale=STATE_DICT_LAYER_SCALE if b + "ls1.gamma" in shapes else None)
 
 
 def _infer_heads(shapes, width, depth, mlp_dim):
@@ -193,9 +220,18 @@ def _infer_heads(shapes, width, depth, mlp_dim):
 
 # ---- weights ---------------------------------------------------------------
 def timm_key(path, config):
-    """The timm state-dict key that holds our variable `path`."""
+    """The timm state-dict key that holds our variable `path`.
+
+    Example:
+    ```python
+    timm_key("encoder_block_3/layer_scale_2/gamma", config)   # 'blocks.3.ls2.gamma'
+    ```
+    """
     if path in WHOLE_NAMES:
         return WHOLE_NAMES[path]
+    if re.fullmatch(r"encoder_block_\d+/layer_scale_\d/gamma", path):
+        layer, _ = path.rsplit("/", 1)  # timm's LayerScale names its vector gamma too
+        return re.sub(r"encoder_block_(\d+)/layer_scale_(\d)", r"blocks.\1.ls\2", layer) + ".gamma"
     layer, param = path.rsplit("/", 1)
     if layer == "encoder_norm":
         module = "fc_norm" if config.norm_position == "after_pool" else "norm"
@@ -264,8 +300,54 @@ def _parallel_source(block, layer, param, config, state_dict):
                   lambda *bs: np.sum(bs, axis=0))
 
 
+def timm_recipe(config, state_dict):
+    """`recipe(path, shape)` -> `Source` for `common.gather_weights` / `stream_weights`.
+
+    Args:
+        config: the target `ViTConfig`.
+        state_dict: the timm state dict, a lazy reader, or `{name: shape}`
+            (only key membership is read).
+
+    Example:
+    ```python
+    for path, array in stream_weights(config, reader, timm_recipe(config, reader),
+                                      source_name="timm"):
+        variables[path].assign(array)
+    ```
+    """
+    return lambda path, shape: timm_source(path, shape, config, state_dict)
+
+
+def check_state_dict(state_dict, config, drop_head=False):
+    """Checks that a timm state dict maps one-to-one onto `config`'s variables.
+
+    Reads shapes only (a `{name: shape}` dict is enough): every variable has
+    its timm tensor(s) of the right shape and no tensor is left over.
+
+    Args:
+        state_dict: `{timm name: shape}`, a lazy reader or a state dict.
+        config: the target `ViTConfig`.
+        drop_head: the source head is not used (a fresh or no head).
+
+    Returns:
+        `{variable path: shape}` of the variables the tensors fill.
+
+    Raises:
+        ValueError: as `convert_state_dict`, naming each tensor that does not fit.
+
+    Example:
+    ```python
+    check_state_dict({k: t.shape for k, t in header.items()}, config)
+    ```
+    """
+    return dict(convert_state_dict(state_dict, config, drop_head).shapes)
+
+
 def convert_state_dict(state_dict, config, drop_head=False):
-    """{variable path: float32 array} for every variable `config` builds.
+    """{variable path: float32 array} for every variable `config` builds, read lazily.
+
+    Checked from the shapes first; the returned `common.ConvertedWeights`
+    reads and converts one tensor per lookup.
 
     Args:
         state_dict: a timm VisionTransformer state dict.
@@ -279,7 +361,7 @@ def convert_state_dict(state_dict, config, drop_head=False):
             our variable needs it to have).
     """
     return gather_weights(
-        config, state_dict, lambda path, shape: timm_source(path, shape, config, state_dict),
+        config, state_dict, timm_recipe(config, state_dict),
         source_name="timm", skip=("head/",) if drop_head else (),
         # With num_classes=0 the config has no head for these keys to fill.
         ignored={k: "the source's head, replaced" for k in ("head.weight", "head.bias")}

@@ -185,16 +185,26 @@ def test_state_dict_path_matches_timm(custom_timm):
 
 # ---- errors ---------------------------------------------------------------------
 def test_unsupported_options_are_named():
-    with pytest.raises(ValueError, match=r"LayerScale"):
-        convert.from_timm(small_timm(init_values=1e-5))
-    with pytest.raises(ValueError, match=r"LayerScale"):
-        convert.from_timm(small_timm(init_values=1e-5).state_dict(), num_heads=4)
-    with pytest.raises(ValueError, match=r"register tokens \(reg_tokens=4\)"):
-        convert.from_timm(small_timm(reg_tokens=4, class_token=False, global_pool="avg"))
-    with pytest.raises(ValueError, match=r"class_token=True with global_pool='map'"):
+    # Each refusal names the feature, from the module and from its state dict.
+    distilled = timm.create_model("deit_tiny_distilled_patch16_224", device="meta")
+    with pytest.raises(ValueError, match=r"distillation token"):
+        convert.from_timm(distilled)
+    with pytest.raises(ValueError, match=r"distillation token"):
+        timm_layout.config_from_state_dict(distilled.state_dict(), num_heads=3)
+    with pytest.raises(ValueError, match=r"global_pool='map' with a class or register token"):
         convert.from_timm(small_timm(global_pool="map"))
-    with pytest.raises(ValueError, match=r"pre_norm=True"):
-        convert.from_timm(small_timm(pre_norm=True))
+    with pytest.raises(ValueError, match=r"global_pool='map' with a class or register token"):
+        convert.from_timm(small_timm(global_pool="map", class_token=False,
+                                     reg_tokens=2).state_dict(), num_heads=4)
+    with pytest.raises(ValueError, match=r"unpacked SwiGLU"):
+        convert.from_timm(small_timm(mlp_layer=timm.layers.SwiGLU))
+    with pytest.raises(ValueError, match=r"unpacked SwiGLU"):
+        convert.from_timm(small_timm(mlp_layer=timm.layers.SwiGLU).state_dict(), num_heads=4)
+    with pytest.raises(ValueError, match=r"a norm in the patch embedding"):
+        convert.from_timm(small_timm(embed_norm_layer=torch.nn.LayerNorm).state_dict(),
+                          num_heads=4)
+    with pytest.raises(ValueError, match=r"QuickGELU"):
+        convert.from_timm(small_timm(act_layer="quick_gelu"))
     with pytest.raises(TypeError, match=r"timm.models.VisionTransformer; got .*Linear"):
         convert.from_timm(torch.nn.Linear(2, 2))
 
@@ -279,22 +289,10 @@ def test_parallel_in_proj_order_matters(parallel_models):
 
 
 def test_parallel_unsupported_options_are_named(parallel_models):
-    with pytest.raises(ValueError, match=r"LayerScale \(init_values=\.\.\., blocks.0.ls\)"):
+    with pytest.raises(ValueError, match=r"LayerScale in a ParallelScalingBlock \(blocks.0.ls"):
         convert.from_timm(parallel_timm(init_values=1e-5))
-    with pytest.raises(ValueError, match=r"LayerScale"):
+    with pytest.raises(ValueError, match=r"LayerScale in a ParallelScalingBlock"):
         convert.from_timm(parallel_timm(init_values=1e-5).state_dict(), num_heads=4)
     # A leftover tensor is refused: a qkv bias the overrides say is absent.
     with pytest.raises(ValueError, match=r"no variable for: \['blocks.0.in_proj.bias'"):
         convert.from_timm(parallel_models["qkv_bias"].state_dict(), num_heads=4, qkv_bias=False)
-
-
-@pytest.mark.parametrize("name", ["vit_giant_patch14_clip_224", "vit_gigantic_patch14_clip_224"])
-def test_openclip_towers_are_refused_naming_pre_norm(name):
-    # pre_norm puts a LayerNorm between the embedding and the first block,
-    # which ViTConfig cannot express. Built on the meta device (no memory):
-    # the settings are refused before any weight is read.
-    source = timm.create_model(name, pretrained=False, device="meta")
-    with pytest.raises(ValueError, match=r"pre_norm=True \(norm_pre: .*vit_giant_patch14_clip"):
-        convert.from_timm(source)
-    with pytest.raises(ValueError, match=r"timm pre_norm=True, norm_pre"):
-        convert.from_timm(source.state_dict())
