@@ -3,9 +3,8 @@
 import keras
 from keras import ops
 
-from keras_vitscale import hub
 from keras_vitscale import layers as L
-from keras_vitscale import presets
+from keras_vitscale import presets, pretrained
 from keras_vitscale.config import ViTConfig
 
 # Keyword arguments that belong to keras.Model rather than to the config.
@@ -212,23 +211,31 @@ class ViT(keras.Model):
     @classmethod
     def from_preset(cls, handle, num_classes=None, image_size=None, load_weights=True,
                     dtype=None, resample="linear", **overrides):
-        """Builds a ViT from a built-in preset name, a directory or "hf://org/repo".
+        """Builds a ViT from a built-in preset, a directory or a Hugging Face repo.
+
+        A built-in preset with published weights loads its checkpoint: the
+        first call downloads it (timm's layout on the Hub), converts it and
+        caches the result (`KVS_CACHE`); later calls read the cache.
 
         Args:
-            handle: a name in `ViT.presets` (e.g. "vit_g14"), a local preset
-                directory, or "hf://org/repo[@revision]".
+            handle: "PRESET", "PRESET.TAG" or either with "@REVISION" (see
+                `ViT.presets`; a bare name is the default tag), a local
+                preset directory, or "hf://org/repo[@revision]" (a
+                keras_vitscale preset or a timm checkpoint).
             num_classes: a new head size; a different one from the preset's
                 gets a fresh (zero) head.
             image_size: a new resolution; the position embedding is
                 resampled ("linear" as big_vision or "bicubic" as timm).
-            load_weights: False builds with fresh weights.
+            load_weights: False builds the same architecture with fresh weights
+                (presets without published weights always do, and say so).
             dtype: dtype or policy, e.g. "mixed_bfloat16".
             resample: "linear" or "bicubic" position-embedding resampling.
             **overrides: other `ViTConfig` fields (dropout_rate, remat, ...).
         """
         return presets.load(cls, handle, num_classes=num_classes, image_size=image_size,
                             load_weights=load_weights, dtype=dtype, resample=resample,
-                            resolve=hub.resolve_directory, **overrides)
+                            resolve=lambda h: pretrained.resolve_directory(h, model_class=cls),
+                            **overrides)
 
     def save_to_preset(self, directory, max_shard_size_gb=None, metadata=None):
         """Writes config.json, model.weights.h5 (sharded when large), metadata.json.
