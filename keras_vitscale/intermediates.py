@@ -99,12 +99,6 @@ def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def num_prefix_tokens(config):
-    """Class plus register tokens ahead of the patch tokens."""
-    count = getattr(config, "num_prefix_tokens", None)
-    return int(config.class_token) if count is None else int(count)
-
-
 def _check_arguments(model, norm, output_fmt, intermediates_only, pre_logits):
     if output_fmt not in OUTPUT_FORMATS:
         hint = (" This library is channels-last: ask for 'NHWC' and transpose with "
@@ -171,7 +165,7 @@ def intermediates_model(model, indices=None, norm=False, output_fmt="NHWC",
 def _build(model, taken, norm, output_fmt, stop_early, intermediates_only,
            return_prefix_tokens, pre_logits):
     c = model.config
-    prefix = num_prefix_tokens(c)
+    prefix = c.num_prefix_tokens  # class and register tokens
     # timm's fc_norm models keep no token norm (their `norm` is Identity).
     token_norm = norm and c.norm_position == "before_pool"
     features = []

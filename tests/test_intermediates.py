@@ -265,6 +265,18 @@ def test_vanilla_model():
         model.forward_intermediates(images, norm=True)
 
 
+def test_register_tokens_are_prefix_tokens():
+    # [class, 4 registers, patches]: the 5 prefix tokens are split off, and a
+    # gap model's output is the mean of the normalised last block's patches.
+    model = kvs.ViT(variant="mu", depth=2, patch_size=8, image_size=(16, 24), num_classes=0,
+                    pooling="gap", class_token=True, num_register_tokens=4)
+    images = images_for(model.config)
+    final, [(grid, prefix)] = model.forward_intermediates(
+        images, indices=[-1], norm=True, return_prefix_tokens=True)
+    assert tuple(grid.shape) == (2, 2, 3, 32) and tuple(prefix.shape) == (2, 5, 32)
+    np.testing.assert_allclose(to_numpy(final), to_numpy(grid).mean(axis=(1, 2)), atol=1e-5)
+
+
 # ---- indices and errors ------------------------------------------------------------
 @pytest.mark.parametrize("indices", [None, 1, 3, 4, [0], [3, 0], [-1], [-4, 3, 1], (2, -2)])
 def test_take_indices_matches_timm(indices):
