@@ -16,6 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
+from timm.models.vision_transformer import ParallelScalingBlock  # noqa: E402
+
 import keras_vitscale as kvs  # noqa: E402
 from keras_vitscale import convert, intermediates  # noqa: E402
 
@@ -42,12 +44,6 @@ def small_timm(**kwargs):
     return randomize(timm.models.VisionTransformer(**args))
 
 
-def parallel_block():
-    from timm.models.vision_transformer import ParallelScalingBlock
-
-    return ParallelScalingBlock
-
-
 # name -> timm VisionTransformer arguments; each model is converted once.
 TIMM_MODELS = {
     # class token, token pooling, a non-square grid (4 x 3) to catch h/w swaps
@@ -57,7 +53,16 @@ TIMM_MODELS = {
     # SigLIP-style tower: MAP head, no class token, no classifier
     "map_siglip": dict(global_pool="map", class_token=False, num_classes=0),
     # ViT-22B-style parallel blocks with qk-norm
-    "parallel": dict(block_fn="parallel", qk_norm=True),
+    "parallel": dict(block_fn=ParallelScalingBlock, qk_norm=True),
+    # DINOv2-style: class + 4 register tokens, LayerScale, packed SwiGLU, a
+    # position embedding over the patches only, features (no head)
+    "dinov2_reg": dict(img_size=56, patch_size=14, reg_tokens=4, init_values=1e-5,
+                       mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU,
+                       no_embed_class=True, num_classes=0),
+    # OpenCLIP-style tower: LayerNorm before the encoder, bias-free patch
+    # embedding, eps 1e-5, the head a 32-d projection
+    "clip_pre_norm": dict(pre_norm=True, num_classes=32,
+                          norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-5)),
 }
 
 
@@ -65,12 +70,21 @@ TIMM_MODELS = {
 def pairs():
     out = {}
     for name, kwargs in TIMM_MODELS.items():
-        kwargs = dict(kwargs)
-        if kwargs.get("block_fn") == "parallel":
-            kwargs["block_fn"] = parallel_block()
         source = small_timm(**kwargs)
         out[name] = (source, convert.from_timm(source))
     return out
+
+
+def test_converted_models_have_the_options(pairs):
+    # The parity tests below run through each option named in TIMM_MODELS.
+    config = {name: model.config for name, (_, model) in pairs.items()}
+    assert config["avg_fc_norm"].norm_position == "after_pool"
+    assert config["map_siglip"].pooling == "map" and not config["map_siglip"].class_token
+    assert config["parallel"].block == "parallel"
+    dinov2 = config["dinov2_reg"]
+    assert (dinov2.num_prefix_tokens, dinov2.mlp_type, dinov2.layer_scale) == (5, "swiglu", 1e-5)
+    assert not dinov2.posemb_covers_class_token
+    assert config["clip_pre_norm"].pre_norm and not config["clip_pre_norm"].patch_bias
 
 
 def images_for(config, batch=2, seed=0):
