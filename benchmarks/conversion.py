@@ -112,10 +112,11 @@ def run_child(code, args, env=None):
     raise RuntimeError(f"child failed:\n{out.stderr[-3000:]}")
 
 
-# glibc malloc as it starts, and with a fixed mmap threshold: glibc raises its
-# threshold each time a large block is freed, after which the freed random
-# initial values and the converted tensors pile up in the heap instead of
-# going back to the system (README "Performance").
+# glibc malloc as it starts, and with a fixed mmap threshold. glibc raises its
+# threshold each time a large block is freed, after which freed tensors stay
+# in the heap; the converter trims the heap as it streams
+# (`convert.common.release_freed_memory`), the second row shows what the
+# environment alone would do.
 MALLOC_SETTINGS = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=1048576":
                    {"MALLOC_MMAP_THRESHOLD_": "1048576"}}
 

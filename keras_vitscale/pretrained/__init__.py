@@ -93,7 +93,7 @@ def _info(handle, token=None):
         repo_id, revision = hub.parse_handle(handle)
         hf_config, _ = timm_hub.download_config(repo_id, revision, token, str(handle))
         if timm_hub.is_timm_config(hf_config):
-            return timm_hub._info_from_timm(hf_config)
+            return timm_hub.info_from_timm(hf_config)
         directory = hub.resolve_directory(handle, token=token)
     else:
         directory = local_directory(handle)

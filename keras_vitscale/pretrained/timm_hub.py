@@ -107,7 +107,7 @@ def fetch(repo_id, model_class, revision=None, config=None, info=None, token=Non
     config = _checked_config(hf_config, shapes_of(source), config, handle)
     metadata = {"source": f"hf://{repo_id}", "source_commit": commit,
                 "timm_architecture": hf_config.get("architecture"),
-                **_info_from_timm(hf_config), **(info or {})}
+                **info_from_timm(hf_config), **(info or {})}
     return _convert_to_cache(model_class, config, source, repo_id, commit, metadata, verbose)
 
 
@@ -168,7 +168,7 @@ def _checked_config(hf_config, shapes, config, handle):
     return config
 
 
-def _info_from_timm(hf_config):
+def info_from_timm(hf_config):
     """Preprocessing and label facts from timm's pretrained_cfg."""
     cfg = hf_config.get("pretrained_cfg") or {}
     keys = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
