@@ -24,6 +24,8 @@ VARIANTS = {
     "H": (1280, 32, 5120, 16),
     "g": (1408, 40, 6144, 16),
     "G": (1664, 48, 8192, 16),
+    # big_vision's shape-optimised ViT (Alabdulmohsin et al. 2023; SigLIP).
+    "So400m": (1152, 27, 4304, 16),
     "e": (1792, 56, 15360, 16),
     "22B": (6144, 48, 24576, 48),
 }
@@ -33,6 +35,7 @@ POSEMBS = ("learn", "sincos2d", "none")
 BLOCKS = ("sequential", "parallel", "vanilla")
 GELUS = ("tanh", "exact")
 NORM_POSITIONS = ("before_pool", "after_pool")
+MLP_TYPES = ("gelu", "swiglu")
 
 
 def parse_variant(variant):
@@ -84,7 +87,7 @@ class ViTConfig:
     Args:
         width: token dimension D.
         depth: number of encoder blocks.
-        mlp_dim: hidden width of each MLP.
+        mlp_dim: hidden width of each MLP (after gating for "swiglu").
         num_heads: attention heads; must divide `width`.
         patch_size: int or (h, w) patch size.
         image_size: int or (h, w); each side divisible by the patch.
@@ -96,14 +99,29 @@ class ViTConfig:
             `pooling="tok"` and False otherwise.
         posemb: "learn", "sincos2d" (fixed, big_vision's formula) or "none".
         posemb_covers_class_token: False adds the position embedding to the
-            patch tokens before the class token is prepended (big_vision);
-            True adds it after, so the class token has a position too (timm's
-            default).
+            patch tokens before the prefix tokens (class, registers) are
+            prepended (big_vision; timm's `no_embed_class=True`, DINOv2);
+            True adds it after, so every prefix token has a position too
+            (timm's default).
+        num_register_tokens: learned register tokens (Darcet et al. 2024)
+            placed after the class token: the sequence is [class,
+            registers..., patches], as timm. Average pooling skips them.
         block: "sequential" (pre-LN), "parallel" (ViT-22B: one LayerNorm,
             attention and MLP side by side on fused projections) or
             "vanilla" (SimplEsT-ViT: no LayerNorm, no skip connections).
+        pre_norm: a LayerNorm ("pre_norm") on the embedded tokens before the
+            first block (OpenCLIP image towers; timm's `norm_pre`).
+        layer_scale: LayerScale (CaiT, DINOv2) init value: each block's
+            attention and MLP outputs are scaled per channel by learned
+            vectors that start at this value; None for none. Sequential
+            blocks only.
+        mlp_type: "gelu" (Dense, GELU, Dense) or "swiglu" (timm's packed
+            SwiGLU: the first projection gives 2 * mlp_dim outputs [a | b],
+            the hidden units are silu(a) * b). Sequential blocks only.
         qk_norm: LayerNorm over each head's queries and keys.
-        qkv_bias, attn_out_bias, mlp_bias, norm_bias: bias switches.
+        qkv_bias, attn_out_bias, mlp_bias, norm_bias, patch_bias, head_bias:
+            bias switches (patch embedding and classifier head for the last
+            two; OpenCLIP towers have neither).
         layer_norm_epsilon: LayerNorm epsilon.
         gelu: "tanh" (big_vision) or "exact" (timm, transformers).
         norm_position: final LayerNorm "before_pool" (big_vision) or
@@ -134,12 +152,18 @@ class ViTConfig:
     class_token: bool = None
     posemb: str = "learn"
     posemb_covers_class_token: bool = False
+    num_register_tokens: int = 0
     block: str = "sequential"
+    pre_norm: bool = False
+    layer_scale: float = None
+    mlp_type: str = "gelu"
     qk_norm: bool = False
     qkv_bias: bool = True
     attn_out_bias: bool = True
     mlp_bias: bool = True
     norm_bias: bool = True
+    patch_bias: bool = True
+    head_bias: bool = True
     layer_norm_epsilon: float = 1e-6
     gelu: str = "tanh"
     norm_position: str = "before_pool"
@@ -210,7 +234,8 @@ class ViTConfig:
         """Raises ValueError naming the bad value and a fix."""
         for name, choices in (("pooling", POOLINGS), ("posemb", POSEMBS),
                               ("block", BLOCKS), ("gelu", GELUS),
-                              ("norm_position", NORM_POSITIONS)):
+                              ("norm_position", NORM_POSITIONS),
+                              ("mlp_type", MLP_TYPES)):
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(
@@ -247,10 +272,19 @@ class ViTConfig:
                 "pooling 'tok' reads the class token, but class_token=False; "
                 "set class_token=True or choose pooling 'gap' or 'map'."
             )
-        if self.posemb_covers_class_token and not self.class_token:
+        registers = self.num_register_tokens
+        if isinstance(registers, bool) or not isinstance(registers, int) or registers < 0:
             raise ValueError(
-                "posemb_covers_class_token=True needs class_token=True."
+                f"num_register_tokens must be an integer >= 0; got {registers!r} "
+                "(DINOv2 with registers uses 4)."
             )
+        if self.posemb_covers_class_token and not self.num_prefix_tokens:
+            raise ValueError(
+                "posemb_covers_class_token=True gives the prefix tokens a position, "
+                "but there are none: set class_token=True (or num_register_tokens "
+                "> 0), or posemb_covers_class_token=False."
+            )
+        self._validate_block_options()
         if self.block == "vanilla" and (self.pooling == "map" or self.class_token):
             raise ValueError(
                 "block 'vanilla' (SimplEsT-ViT) attends over the patch grid only "
@@ -258,11 +292,50 @@ class ViTConfig:
                 f"without a class token; got pooling={self.pooling!r}, "
                 f"class_token={self.class_token}."
             )
+        if not self.head_bias and self.head_bias_init:
+            raise ValueError(
+                f"head_bias_init={self.head_bias_init} initialises a head bias, but "
+                "head_bias=False; set head_bias=True or head_bias_init=0.0."
+            )
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1); got {self.dropout_rate}.")
         if self.layer_norm_epsilon <= 0:
             raise ValueError(
                 f"layer_norm_epsilon must be > 0; got {self.layer_norm_epsilon}."
+            )
+
+    def _validate_block_options(self):
+        """The options only some blocks implement."""
+        scale = self.layer_scale
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not scale > 0):
+            raise ValueError(
+                f"layer_scale must be a positive init value (timm's init_values, "
+                f"e.g. 1e-5) or None for no LayerScale; got {scale!r}."
+            )
+        only_sequential = [f"{name}={value!r}" for name, value, off in (
+            ("layer_scale", scale, None), ("mlp_type", self.mlp_type, "gelu"))
+            if value != off]
+        if only_sequential and self.block != "sequential":
+            raise ValueError(
+                f"{', '.join(only_sequential)} is implemented for block 'sequential' "
+                f"only; got block={self.block!r}. Use block='sequential' or drop "
+                "the option."
+            )
+        if self.block == "vanilla" and (self.num_register_tokens or self.pre_norm):
+            raise ValueError(
+                "block 'vanilla' (SimplEsT-ViT) has no LayerNorm and attends over the "
+                "patch grid only: set num_register_tokens=0 and pre_norm=False; got "
+                f"num_register_tokens={self.num_register_tokens}, "
+                f"pre_norm={self.pre_norm}."
+            )
+        if self.mlp_type == "swiglu" and self.pooling == "map":
+            # timm sizes its attention-pool MLP from the packed SwiGLU's
+            # 2 * mlp_dim; refusing keeps one meaning for the MAP head's MLP.
+            raise ValueError(
+                "mlp_type 'swiglu' with pooling 'map' is not supported: the MAP "
+                "head's MLP width is ambiguous for a gated model. Use pooling 'tok' "
+                "or 'gap' with swiglu, or mlp_type 'gelu' with 'map'."
             )
 
     # ---- derived shapes -----------------------------------------------
@@ -281,13 +354,21 @@ class ViTConfig:
         return self.grid_size[0] * self.grid_size[1]
 
     @property
+    def num_prefix_tokens(self):
+        """Tokens before the patches: the class token, then the registers."""
+        return int(self.class_token) + self.num_register_tokens
+
+    @property
     def num_tokens(self):
-        """Sequence length seen by the encoder, class token included."""
-        return self.num_patches + int(self.class_token)
+        """Sequence length seen by the encoder, prefix tokens included."""
+        return self.num_patches + self.num_prefix_tokens
 
     @property
     def posemb_length(self):
-        return self.num_patches + int(self.posemb_covers_class_token)
+        """Rows of the position embedding: the patches, plus the prefix tokens
+        where `posemb_covers_class_token`."""
+        covered = self.num_prefix_tokens if self.posemb_covers_class_token else 0
+        return self.num_patches + covered
 
     @property
     def feature_dim(self):
@@ -317,20 +398,31 @@ class ViTConfig:
 
         ph, pw = self.patch_size
         shapes["patch_embedding/kernel"] = (ph, pw, self.in_channels, d)
-        shapes["patch_embedding/bias"] = (d,)
+        if self.patch_bias:
+            shapes["patch_embedding/bias"] = (d,)
         if self.class_token:
             shapes["class_token/token"] = (1, 1, d)
+        if self.num_register_tokens:
+            shapes["register_tokens/tokens"] = (1, self.num_register_tokens, d)
         if self.posemb == "learn":
             shapes["position_embedding/embedding"] = (1, self.posemb_length, d)
+        if self.pre_norm:
+            norm("pre_norm", d)
+        # The packed SwiGLU's first projection holds the gate and the value.
+        mlp_in = 2 * m if self.mlp_type == "swiglu" else m
         for i in range(self.depth):
             p = f"encoder_block_{i}"
             if self.block == "sequential":
                 norm(f"{p}/norm_1", d)
                 dense(f"{p}/attention/qkv", d, 3 * d, self.qkv_bias)
                 dense(f"{p}/attention/out", d, d, self.attn_out_bias)
+                if self.layer_scale is not None:
+                    shapes[f"{p}/layer_scale_1/gamma"] = (d,)
                 norm(f"{p}/norm_2", d)
-                dense(f"{p}/mlp/dense_1", d, m, self.mlp_bias)
+                dense(f"{p}/mlp/dense_1", d, mlp_in, self.mlp_bias)
                 dense(f"{p}/mlp/dense_2", m, d, self.mlp_bias)
+                if self.layer_scale is not None:
+                    shapes[f"{p}/layer_scale_2/gamma"] = (d,)
             elif self.block == "parallel":
                 norm(f"{p}/norm", d)
                 shapes[f"{p}/qkv_mlp_in/kernel"] = (d, 3 * d + m)
@@ -362,7 +454,7 @@ class ViTConfig:
         if self.representation_size:
             dense("pre_logits", d, self.representation_size, True)
         if self.num_classes:
-            dense("head", self.feature_dim, self.num_classes, True)
+            dense("head", self.feature_dim, self.num_classes, self.head_bias)
         return shapes
 
     def count_params(self):
@@ -373,13 +465,16 @@ class ViTConfig:
         """Forward FLOPs for one image (a multiply-add counts as 2 FLOPs).
 
         Counts the matmuls and the attention products, as the Scaling ViT
-        paper's Table 2 does; elementwise work is negligible at these sizes.
+        paper's Table 2 does; elementwise work (LayerNorm, LayerScale, the
+        SwiGLU gate) is negligible at these sizes. Register tokens count as
+        tokens.
         """
         d, m, n = self.width, self.mlp_dim, self.num_tokens
         ph, pw = self.patch_size
         macs = self.num_patches * ph * pw * self.in_channels * d
         attn_out = d if self.block != "vanilla" else 0
-        per_block = n * (3 * d * d + attn_out * d + 2 * d * m)  # projections
+        mlp_in = 2 * m if self.mlp_type == "swiglu" else m
+        per_block = n * (3 * d * d + attn_out * d + d * mlp_in + m * d)  # projections
         per_block += 2 * n * n * d                               # QK^T and AV
         macs += self.depth * per_block
         if self.pooling == "map":

@@ -91,6 +91,30 @@ def hub_settings():
 
 
 # ---- download ---------------------------------------------------------------
+def download_file(repo_id, filename, revision=None, token=None, handle=None):
+    """Downloads one file of a Hub repo into the huggingface_hub cache.
+
+    Honours HF_ENDPOINT, HF_HUB_CACHE / HF_HOME, HF_HUB_OFFLINE and tokens as
+    any huggingface_hub client does; errors name the repo and the fix.
+
+    Returns:
+        The local path; its parent directory is named after the commit.
+
+    Example:
+    ```python
+    path = download_file("timm/vit_base_patch16_224.augreg2_in21k_ft_in1k", "config.json")
+    ```
+    """
+    from huggingface_hub import hf_hub_download
+
+    endpoint, cache_dir, offline = hub_settings()
+    with download_errors(handle or f"hf://{repo_id}", repo_id, revision, offline, cache_dir,
+                         filename):
+        return hf_hub_download(repo_id=repo_id, filename=filename, revision=revision,
+                               cache_dir=cache_dir, endpoint=endpoint, token=token,
+                               local_files_only=offline)
+
+
 def download_preset(handle, token=None):
     """Downloads a preset from the Hub into the huggingface_hub cache.
 
@@ -112,23 +136,20 @@ def download_preset(handle, token=None):
     model = kvs.ViT.from_preset("hf://my-org/vit-b16")  # the same, then loads
     ```
     """
-    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub import snapshot_download
 
     repo_id, revision = parse_handle(handle)
-    endpoint, cache_dir, offline = hub_settings()
-    common = dict(repo_id=repo_id, cache_dir=cache_dir, endpoint=endpoint, token=token,
-                  local_files_only=offline)
-    with _download_errors(handle, repo_id, revision, offline, cache_dir):
-        config_path = hf_hub_download(filename=CONFIG_FILE, revision=revision,
-                                      **common)
+    config_path = download_file(repo_id, CONFIG_FILE, revision, token, handle)
     read_config_file(config_path)  # raises on a bad or foreign config
     # The cache keeps each file under snapshots/<commit>/: pinning the rest of
     # the download to that commit keeps config and weights from one commit even
     # if the branch moves in between.
     commit = Path(config_path).parent.name
-    with _download_errors(handle, repo_id, revision, offline, cache_dir):
-        directory = snapshot_download(revision=commit, allow_patterns=list(PRESET_PATTERNS),
-                                      **common)
+    endpoint, cache_dir, offline = hub_settings()
+    with download_errors(handle, repo_id, revision, offline, cache_dir):
+        directory = snapshot_download(
+            repo_id=repo_id, revision=commit, allow_patterns=list(PRESET_PATTERNS),
+            cache_dir=cache_dir, endpoint=endpoint, token=token, local_files_only=offline)
     return directory
 
 
@@ -150,12 +171,19 @@ def resolve_directory(handle, token=None):
     return local_directory(handle)
 
 
-class _download_errors:
-    """Turns huggingface_hub's download errors into ones that name the repo."""
+class download_errors:
+    """Turns huggingface_hub's download errors into ones that name the repo and the fix.
 
-    def __init__(self, handle, repo_id, revision, offline, cache_dir):
+    Args:
+        handle: what the user asked for, for the messages.
+        repo_id, revision: the repo and revision being downloaded.
+        offline, cache_dir: as `hub_settings()` gives them.
+        filename: the file being fetched (default: the preset's config.json).
+    """
+
+    def __init__(self, handle, repo_id, revision, offline, cache_dir, filename=CONFIG_FILE):
         self.handle, self.repo_id, self.revision = handle, repo_id, revision
-        self.offline, self.cache_dir = offline, cache_dir
+        self.offline, self.cache_dir, self.filename = offline, cache_dir, filename
 
     def __enter__(self):
         return self
@@ -193,12 +221,19 @@ class _download_errors:
                 "name; for a private or gated repo log in with `hf auth login` or set "
                 "HF_TOKEN.") from err
         if isinstance(err, EntryNotFoundError):
+            if self.filename != CONFIG_FILE:
+                raise FileNotFoundError(f"{repo} has no {self.filename}.") from err
             raise FileNotFoundError(
-                f"{repo} has no {CONFIG_FILE}, so it is not a keras_vitscale "
-                "preset; publish one with kvs.hub.push_to_hub(model, repo_id).") from err
+                f"{repo} has no {CONFIG_FILE}, so it is neither a keras_vitscale preset "
+                "nor a timm checkpoint; publish a preset with kvs.hub.push_to_hub(model, "
+                "repo_id).") from err
         if isinstance(err, HfHubHTTPError):
-            raise OSError(f"Downloading {self.handle!r} from the Hugging Face Hub failed: "
-                          f"{err}") from err
+            raise OSError(f"Downloading {self.filename} of {self.handle!r} from the Hugging "
+                          f"Face Hub failed: {err}") from err
+        if isinstance(err, OSError) and "onsistency check failed" in str(err):
+            # huggingface_hub's size check: the connection dropped mid-file.
+            raise OSError(f"The download of {self.filename} from {repo} was cut short "
+                          f"({err}). Nothing was kept; load again to retry.") from err
         return False
 
 

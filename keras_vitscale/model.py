@@ -36,7 +36,7 @@ def _build_graph(config, dtype):
     c = config
     images = keras.Input(shape=(*c.image_size, c.in_channels), name="images")
     x = L.PatchEmbedding(c.width, c.patch_size, kernel_initializer=_patch_initializer(c),
-                         name="patch_embedding", dtype=dtype)(images)
+                         use_bias=c.patch_bias, name="patch_embedding", dtype=dtype)(images)
 
     def add_posemb(x):
         if c.posemb == "learn":
@@ -46,15 +46,22 @@ def _build_graph(config, dtype):
                                                dtype=dtype)(x)
         return x
 
-    # big_vision adds the position embedding before prepending the class
-    # token; timm's default adds it after, so the class token has one too.
+    # big_vision (and DINOv2) add the position embedding before prepending
+    # the prefix tokens; timm's default adds it after, so they have one too.
+    # Registers go first, the class token in front of them: [class, registers,
+    # patches], as timm.
     if not c.posemb_covers_class_token:
         x = add_posemb(x)
+    if c.num_register_tokens:
+        x = L.RegisterTokens(c.num_register_tokens, name="register_tokens", dtype=dtype)(x)
     if c.class_token:
         x = L.ClassToken(name="class_token", dtype=dtype)(x)
     if c.posemb_covers_class_token:
         x = add_posemb(x)
     x = L.seeded_dropout(c.dropout_rate, name="embedding_dropout", dtype=dtype)(x)
+    if c.pre_norm:
+        x = L.LayerNorm(epsilon=c.layer_norm_epsilon, center=c.norm_bias, name="pre_norm",
+                        dtype=dtype)(x)
 
     for i in range(c.depth):
         x = _make_block(c, i, dtype)(x)
@@ -71,7 +78,7 @@ def _build_graph(config, dtype):
     if c.pooling == "tok":
         x = x[:, 0]
     elif c.pooling == "gap":
-        x = ops.mean(x[:, int(c.class_token):], axis=1)
+        x = ops.mean(x[:, c.num_prefix_tokens:], axis=1)  # patches only
     elif c.pooling == "map":
         x = L.MAPHead(c.width, c.num_heads, c.mlp_dim, c.layer_norm_epsilon, c.gelu,
                       name="map_head", dtype=dtype)(x)
@@ -85,6 +92,7 @@ def _build_graph(config, dtype):
         x = L.TokenDense(
             c.num_classes, name="head",
             kernel_initializer="zeros" if c.head_zero_init else "glorot_uniform",
+            use_bias=c.head_bias,
             bias_initializer=keras.initializers.Constant(c.head_bias_init),
             dtype=dtype)(x)
         # Logits leave the model in float32 even under mixed precision, so

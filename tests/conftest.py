@@ -36,6 +36,12 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _converted_weights_cache(tmp_path_factory, monkeypatch):
+    """Converted checkpoints go to a temporary KVS_CACHE, never the user's."""
+    monkeypatch.setenv("KVS_CACHE", str(tmp_path_factory.mktemp("kvs_cache")))
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

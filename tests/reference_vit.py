@@ -1,5 +1,6 @@
 """An independent float64 numpy ViT forward pass, written from the papers'
-formulas (ViT, big_vision's numerics, ViT-22B's parallel block).
+formulas (ViT, big_vision's numerics, ViT-22B's parallel block, register
+tokens, LayerScale, SwiGLU, OpenCLIP's pre-encoder LayerNorm).
 
 Reads the weights of a kvs.ViT by variable path; used to check the Keras
 layers on every backend where no outside library has the same model
@@ -22,6 +23,10 @@ def gelu(x, flavour):
     if flavour == "tanh":
         return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
     return 0.5 * x * (1 + np.vectorize(math.erf)(x / np.sqrt(2)))
+
+
+def silu(x):
+    return x / (1 + np.exp(-x))
 
 
 def dense(x, w, prefix):
@@ -68,7 +73,9 @@ def forward(model, images):
     ph, pw = cfg.patch_size
     patches = x.reshape(b, h // ph, ph, wd // pw, pw, ch).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(b, -1, ph * pw * ch)
-    x = patches @ w["patch_embedding/kernel"].reshape(-1, cfg.width) + w["patch_embedding/bias"]
+    x = patches @ w["patch_embedding/kernel"].reshape(-1, cfg.width)
+    if cfg.patch_bias:
+        x = x + w["patch_embedding/bias"]
 
     def posemb(x):
         if cfg.posemb == "learn":
@@ -77,12 +84,34 @@ def forward(model, images):
             return x + sincos2d(*cfg.grid_size, cfg.width)[None]
         return x
 
+    # Sequence [class, registers..., patches]; the position embedding is
+    # added to the patches alone, or to the whole sequence when it covers
+    # the prefix tokens.
+    prefix = []
+    if cfg.class_token:
+        prefix.append(np.repeat(w["class_token/token"], b, 0))
+    if cfg.num_register_tokens:
+        prefix.append(np.repeat(w["register_tokens/tokens"], b, 0))
     if not cfg.posemb_covers_class_token:
         x = posemb(x)
-    if cfg.class_token:
-        x = np.concatenate([np.repeat(w["class_token/token"], b, 0), x], 1)
+    num_prefix = sum(t.shape[1] for t in prefix)
+    x = np.concatenate(prefix + [x], 1)
     if cfg.posemb_covers_class_token:
         x = posemb(x)
+    if cfg.pre_norm:
+        x = layer_norm(x, w, "pre_norm", eps)
+
+    def scaled(y, path):
+        return y if cfg.layer_scale is None else y * w[path]
+
+    def mlp(y, p):
+        h = dense(y, w, f"{p}/mlp/dense_1")
+        if cfg.mlp_type == "swiglu":
+            gate, value = np.split(h, 2, -1)
+            h = silu(gate) * value
+        else:
+            h = gelu(h, cfg.gelu)
+        return dense(h, w, f"{p}/mlp/dense_2")
     for i in range(cfg.depth):
         p = f"encoder_block_{i}"
         if cfg.block == "sequential":
@@ -93,10 +122,10 @@ def forward(model, images):
                 kn = lambda t, a=a: layer_norm(t, w, f"{a}/key_norm", eps)  # noqa: E731
             y = layer_norm(x, w, f"{p}/norm_1", eps)
             q, k, v = np.split(dense(y, w, f"{a}/qkv"), 3, -1)
-            x = x + dense(mha(q, k, v, cfg.num_heads, qn, kn), w, f"{a}/out")
-            y = layer_norm(x, w, f"{p}/norm_2", eps)
-            y = gelu(dense(y, w, f"{p}/mlp/dense_1"), cfg.gelu)
-            x = x + dense(y, w, f"{p}/mlp/dense_2")
+            y = dense(mha(q, k, v, cfg.num_heads, qn, kn), w, f"{a}/out")
+            x = x + scaled(y, f"{p}/layer_scale_1/gamma")
+            y = mlp(layer_norm(x, w, f"{p}/norm_2", eps), p)
+            x = x + scaled(y, f"{p}/layer_scale_2/gamma")
         else:  # parallel: y = x + Attn(LN(x)) + MLP(LN(x)), fused projections
             y = layer_norm(x, w, f"{p}/norm", eps)
             d = cfg.width
@@ -118,7 +147,7 @@ def forward(model, images):
     if cfg.pooling == "tok":
         x = x[:, 0]
     elif cfg.pooling == "gap":
-        x = x[:, int(cfg.class_token):].mean(1)
+        x = x[:, num_prefix:].mean(1)  # the patches only
     elif cfg.pooling == "map":
         probe = np.repeat(w["map_head/probe"], b, 0)
         q = dense(probe, w, "map_head/query")

@@ -124,3 +124,150 @@ def test_non_square_grid_and_tokens():
     assert cfg.grid_size == (4, 6)
     assert cfg.num_tokens == 25
     assert ViTConfig.from_variant("mu/8", image_size=32, pooling="gap").num_tokens == 16
+
+
+# ---- the options real checkpoints need (issue 19) ---------------------------------
+NEW_FIELDS = ("pre_norm", "patch_bias", "head_bias", "layer_scale", "num_register_tokens",
+              "mlp_type")
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(layer_scale=1e-5, block="parallel"), ["layer_scale=1e-05", "'parallel'",
+                                                "block='sequential'"]),
+    (dict(layer_scale=0.0), ["layer_scale", "0.0", "None"]),
+    (dict(layer_scale="1e-5"), ["layer_scale", "'1e-5'"]),
+    (dict(mlp_type="swiglu", block="parallel"), ["mlp_type='swiglu'", "'parallel'"]),
+    (dict(mlp_type="swiglu", block="vanilla", pooling="gap", class_token=False),
+     ["mlp_type='swiglu'", "'vanilla'"]),
+    (dict(mlp_type="geglu"), ["'geglu'", "gelu", "swiglu"]),
+    (dict(mlp_type="swiglu", pooling="map"), ["swiglu", "map", "'tok'"]),
+    (dict(num_register_tokens=-1), ["num_register_tokens", "-1", ">= 0"]),
+    (dict(num_register_tokens=2.0), ["num_register_tokens", "2.0"]),
+    (dict(num_register_tokens=4, block="vanilla", pooling="gap", class_token=False),
+     ["vanilla", "num_register_tokens=0", "num_register_tokens=4"]),
+    (dict(pre_norm=True, block="vanilla", pooling="gap", class_token=False),
+     ["vanilla", "pre_norm=False"]),
+    (dict(pooling="gap", class_token=False, num_register_tokens=0,
+          posemb_covers_class_token=True), ["class_token=True", "num_register_tokens"]),
+    (dict(head_bias=False, head_bias_init=-10.0), ["head_bias_init=-10.0", "head_bias=True"]),
+])
+def test_bad_new_options_name_value_and_fix(kwargs, words):
+    with pytest.raises(ValueError) as err:
+        ViTConfig.from_variant("B/16", **kwargs)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_new_options_round_trip_and_old_files_load():
+    cfg = ViTConfig.from_variant("S/16", pre_norm=True, patch_bias=False, head_bias=False,
+                                 layer_scale=1e-5, num_register_tokens=4, mlp_type="swiglu",
+                                 posemb_covers_class_token=True)
+    again = ViTConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again.layer_scale == 1e-5 and again.num_register_tokens == 4
+    # A config.json written before these fields existed builds today's model.
+    old = {k: v for k, v in ViTConfig.from_variant("S/16").to_dict().items()
+           if k not in NEW_FIELDS}
+    loaded = ViTConfig.from_dict(old)
+    assert loaded == ViTConfig.from_variant("S/16")
+    assert (loaded.pre_norm, loaded.patch_bias, loaded.head_bias, loaded.layer_scale,
+            loaded.num_register_tokens, loaded.mlp_type) == (False, True, True, None, 0, "gelu")
+
+
+def test_prefix_tokens_and_posemb_length():
+    cfg = ViTConfig.from_variant("g/14", image_size=518, num_register_tokens=4)
+    assert cfg.num_prefix_tokens == 5 and cfg.num_tokens == 37 * 37 + 5
+    assert cfg.posemb_length == 37 * 37  # DINOv2: patches only
+    assert cfg.replace(posemb_covers_class_token=True).posemb_length == 37 * 37 + 5
+    no_class = cfg.replace(class_token=False, pooling="gap")
+    assert no_class.num_prefix_tokens == 4 and no_class.num_tokens == 37 * 37 + 4
+
+
+def test_so400m_variant():
+    cfg = ViTConfig.from_variant("So400m/14", pooling="map", num_classes=0)
+    assert (cfg.width, cfg.depth, cfg.mlp_dim, cfg.num_heads) == (1152, 27, 4304, 16)
+    assert not cfg.class_token and cfg.head_dim == 72
+
+
+def test_flops_of_new_options_by_formula():
+    base = ViTConfig.from_variant("B/16")
+    d, m, depth, p = 768, 3072, 12, 196
+
+    def by_formula(n, mlp_in, head=1000):
+        per_block = n * (4 * d * d + d * mlp_in + m * d) + 2 * n * n * d
+        return 2 * (p * 16 * 16 * 3 * d + depth * per_block + d * head)
+
+    assert base.flops_per_image() == by_formula(197, m)
+    # Norms, LayerScale and biases are elementwise: no FLOPs counted.
+    for fields in (dict(pre_norm=True), dict(layer_scale=1e-5), dict(patch_bias=False),
+                   dict(head_bias=False)):
+        assert base.replace(**fields).flops_per_image() == base.flops_per_image(), fields
+    # Registers are tokens; SwiGLU's first matmul is (D, 2M).
+    assert base.replace(num_register_tokens=4).flops_per_image() == by_formula(201, m)
+    assert base.replace(mlp_type="swiglu").flops_per_image() == by_formula(197, 2 * m)
+
+
+def test_parameter_shapes_of_new_options():
+    cfg = ViTConfig.from_variant("mu/8", image_size=32, pre_norm=True, patch_bias=False,
+                                 head_bias=False, layer_scale=0.1, num_register_tokens=2,
+                                 mlp_type="swiglu", posemb_covers_class_token=True)
+    shapes = cfg.parameter_shapes()
+    assert "patch_embedding/bias" not in shapes and "head/bias" not in shapes
+    assert shapes["register_tokens/tokens"] == (1, 2, 32)
+    assert shapes["position_embedding/embedding"] == (1, 16 + 3, 32)
+    assert shapes["pre_norm/gamma"] == shapes["pre_norm/beta"] == (32,)
+    assert shapes["encoder_block_0/layer_scale_1/gamma"] == (32,)
+    assert shapes["encoder_block_0/layer_scale_2/gamma"] == (32,)
+    assert shapes["encoder_block_0/mlp/dense_1/kernel"] == (32, 256)
+    assert shapes["encoder_block_0/mlp/dense_1/bias"] == (256,)
+    assert shapes["encoder_block_0/mlp/dense_2/kernel"] == (128, 32)
+    assert "pre_norm/beta" not in cfg.replace(norm_bias=False).parameter_shapes()
+
+
+# ---- counts against timm's models, built on the meta device (nothing allocated) ------
+_CLIP = dict(patch_size=14, image_size=224, pooling="tok", class_token=True,
+             posemb_covers_class_token=True, pre_norm=True, patch_bias=False,
+             layer_norm_epsilon=1e-5, gelu="exact",
+             # timm's head is an nn.Linear with a bias (zeros in the OpenCLIP
+             # checkpoints it converts): its count includes it.
+             head_bias=True)
+_SIGLIP = dict(pooling="map", class_token=False, posemb_covers_class_token=False,
+               gelu="tanh")
+TIMM_MODELS = {
+    "vit_giant_patch14_clip_224": (1024, 1_012_646_656, dict(
+        _CLIP, width=1408, depth=40, mlp_dim=6144, num_heads=16, num_classes=1024)),
+    "vit_gigantic_patch14_clip_224": (1280, 1_844_908_544, dict(
+        _CLIP, width=1664, depth=48, mlp_dim=8192, num_heads=16, num_classes=1280)),
+    "vit_so400m_patch14_siglip_224": (0, 427_680_704, dict(
+        _SIGLIP, width=1152, depth=27, mlp_dim=4304, num_heads=16, patch_size=14,
+        image_size=224, num_classes=0)),
+    "vit_so400m_patch14_siglip_378": (1000, 429_378_600, dict(
+        _SIGLIP, width=1152, depth=27, mlp_dim=4304, num_heads=16, patch_size=14,
+        image_size=378, num_classes=1000)),
+    "vit_base_patch16_siglip_224": (0, 92_884_224, dict(
+        _SIGLIP, width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16,
+        image_size=224, num_classes=0)),
+    "vit_giant_patch14_reg4_dinov2": (0, 1_136_483_840, dict(
+        width=1536, depth=40, mlp_dim=4096, num_heads=24, patch_size=14, image_size=518,
+        num_classes=0, pooling="tok", class_token=True, num_register_tokens=4,
+        posemb_covers_class_token=False, layer_scale=1e-5, mlp_type="swiglu")),
+    "vit_huge_patch14_224": (0, 630_764_800, dict(
+        width=1280, depth=32, mlp_dim=5120, num_heads=16, patch_size=14, image_size=224,
+        num_classes=0, pooling="tok", class_token=True, posemb_covers_class_token=True,
+        gelu="exact")),
+}
+
+
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_count_equals_timm_on_meta_device(name):
+    num_classes, count, fields = TIMM_MODELS[name]
+    cfg = ViTConfig(**fields)
+    assert cfg.count_params() == count
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=num_classes)
+    assert sum(p.numel() for p in model.parameters()) == count
+    # The tensors one by one, shapes only: as many of each size as the config has.
+    timm_sizes = sorted(p.numel() for p in model.parameters())
+    ours = sorted(math.prod(s) for s in cfg.parameter_shapes().values())
+    assert timm_sizes == ours

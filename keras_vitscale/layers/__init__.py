@@ -13,6 +13,7 @@ from keras_vitscale.layers.embedding import (
     ClassToken,
     LearnedPositionEmbedding,
     PatchEmbedding,
+    RegisterTokens,
     SinCos2DPositionEmbedding,
     resample_grid,
     sincos2d_table,
@@ -20,7 +21,8 @@ from keras_vitscale.layers.embedding import (
 )
 from keras_vitscale.layers.espa import ESPAAttention, espa_gammas, espa_target_attention
 from keras_vitscale.layers.flexi import pi_resize_patch_kernel, resize_patch
-from keras_vitscale.layers.mlp import MLP
+from keras_vitscale.layers.layer_scale import LayerScale
+from keras_vitscale.layers.mlp import MLP, SwiGLUMLP
 from keras_vitscale.layers.normalization import LayerNorm
 from keras_vitscale.layers.pooling import MAPHead
 from keras_vitscale.layers.tat import ScaledUniformOrthogonal, TReLU, tat_slope

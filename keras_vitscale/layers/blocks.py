@@ -11,7 +11,8 @@ from keras_vitscale.layers.attention import MultiHeadSelfAttention, attend
 from keras_vitscale.layers.dense import FusedXavierUniform, TokenDense, project
 from keras_vitscale.layers.dropout import seeded_dropout
 from keras_vitscale.layers.espa import ESPAAttention
-from keras_vitscale.layers.mlp import MLP, gelu, mlp_bias_initializer
+from keras_vitscale.layers.layer_scale import LayerScale
+from keras_vitscale.layers.mlp import MLP, SwiGLUMLP, gelu, mlp_bias_initializer
 from keras_vitscale.layers.normalization import LayerNorm
 from keras_vitscale.layers.tat import TATMLP, tat_slope
 
@@ -45,6 +46,10 @@ def layer_norm(config, name, dtype, center=None):
 class SequentialBlock(RematBlock):
     """x + Attn(LN(x)), then x + MLP(LN(x)).
 
+    With `config.layer_scale`, each branch is scaled per channel first:
+    x + ls1 * Attn(LN(x)), then x + ls2 * MLP(LN(x)) (CaiT, DINOv2). The MLP
+    is GELU's or the packed SwiGLU per `config.mlp_type`.
+
     Args:
         config: the model's `ViTConfig`.
     """
@@ -59,16 +64,28 @@ class SequentialBlock(RematBlock):
             layer_norm_epsilon=c.layer_norm_epsilon, dropout_rate=c.dropout_rate,
             name="attention", dtype=dtype)
         self.norm_2 = layer_norm(c, "norm_2", dtype)
-        self.mlp = MLP(c.mlp_dim, use_bias=c.mlp_bias, gelu_flavour=c.gelu,
-                       dropout_rate=c.dropout_rate, name="mlp", dtype=dtype)
+        if c.mlp_type == "swiglu":
+            self.mlp = SwiGLUMLP(c.mlp_dim, use_bias=c.mlp_bias, dropout_rate=c.dropout_rate,
+                                 name="mlp", dtype=dtype)
+        else:
+            self.mlp = MLP(c.mlp_dim, use_bias=c.mlp_bias, gelu_flavour=c.gelu,
+                           dropout_rate=c.dropout_rate, name="mlp", dtype=dtype)
+        self.layer_scale_1 = self.layer_scale_2 = None
+        if c.layer_scale is not None:
+            self.layer_scale_1 = LayerScale(c.layer_scale, name="layer_scale_1", dtype=dtype)
+            self.layer_scale_2 = LayerScale(c.layer_scale, name="layer_scale_2", dtype=dtype)
 
     def build(self, input_shape):
-        for layer in (self.norm_1, self.attention, self.norm_2, self.mlp):
-            layer.build(input_shape)
+        for layer in (self.norm_1, self.attention, self.layer_scale_1, self.norm_2, self.mlp,
+                      self.layer_scale_2):
+            if layer is not None:
+                layer.build(input_shape)
 
     def forward(self, x, training=None):
-        x = x + self.attention(self.norm_1(x), training=training)
-        return x + self.mlp(self.norm_2(x), training=training)
+        y = self.attention(self.norm_1(x), training=training)
+        x = x + (y if self.layer_scale_1 is None else self.layer_scale_1(y))
+        y = self.mlp(self.norm_2(x), training=training)
+        return x + (y if self.layer_scale_2 is None else self.layer_scale_2(y))
 
 
 class FusedInProjection(keras.layers.Layer):

@@ -1,5 +1,5 @@
-"""Patch embedding (and its initializer for vanilla models), class token and
-position embeddings (learned, sincos2d)."""
+"""Patch embedding (and its initializer for vanilla models), class and register
+tokens, position embeddings (learned, sincos2d)."""
 
 import math
 
@@ -21,20 +21,25 @@ class PatchEmbedding(keras.layers.Layer):
         width: output token width.
         patch_size: (ph, pw).
         kernel_initializer: Keras initializer for the kernel.
+        use_bias: add a bias (OpenCLIP image towers have none).
     """
 
-    def __init__(self, width, patch_size, kernel_initializer="lecun_normal", **kwargs):
+    def __init__(self, width, patch_size, kernel_initializer="lecun_normal", use_bias=True,
+                 **kwargs):
         super().__init__(**kwargs)
         self.width = width
         self.patch_size = tuple(patch_size)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.use_bias = use_bias
 
     def build(self, input_shape):
         ph, pw = self.patch_size
         self.kernel = self.add_weight(
             name="kernel", shape=(ph, pw, input_shape[-1], self.width),
             initializer=self.kernel_initializer)
-        self.bias = self.add_weight(name="bias", shape=(self.width,), initializer="zeros")
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(name="bias", shape=(self.width,), initializer="zeros")
 
     def call(self, images):
         _, height, width, channels = ops.shape(images)
@@ -91,6 +96,47 @@ class ClassToken(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], input_shape[1] + 1, input_shape[2])
+
+
+class RegisterTokens(keras.layers.Layer):
+    """Prepends `count` learned register tokens (Darcet et al. 2024).
+
+    Applied before `ClassToken`, so the sequence reads [class, registers...,
+    patches] as in timm and DINOv2.
+
+    Initialised normal(std 1e-6), as DINOv2, not zeros: registers share no
+    position, so equal registers would get equal gradients and stay equal.
+
+    Args:
+        count: number of register tokens.
+
+    Example:
+    ```python
+    registers = RegisterTokens(4, name="register_tokens")
+    registers(keras.ops.ones((2, 16, 32))).shape  # (2, 20, 32)
+    ```
+    """
+
+    def __init__(self, count, **kwargs):
+        super().__init__(**kwargs)
+        self.count = count
+
+    def build(self, input_shape):
+        self.tokens = self.add_weight(
+            name="tokens", shape=(1, self.count, input_shape[-1]),
+            initializer=keras.initializers.RandomNormal(stddev=1e-6))
+
+    def call(self, x):
+        tokens = ops.broadcast_to(ops.cast(self.tokens, x.dtype),
+                                  (ops.shape(x)[0], self.count, ops.shape(x)[-1]))
+        return ops.concatenate([tokens, x], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        length = None if input_shape[1] is None else input_shape[1] + self.count
+        return (input_shape[0], length, input_shape[2])
+
+    def get_config(self):
+        return {**super().get_config(), "count": self.count}
 
 
 class LearnedPositionEmbedding(keras.layers.Layer):

@@ -1,4 +1,5 @@
-"""The transformer MLP: Dense -> GELU -> Dense (big_vision's MlpBlock)."""
+"""The transformer MLPs: Dense -> GELU -> Dense (big_vision's MlpBlock) and
+the packed SwiGLU (DINOv2's giant models, as timm's SwiGLUPacked)."""
 
 import math
 
@@ -66,4 +67,46 @@ class MLP(keras.layers.Layer):
 
     def call(self, x, training=None):
         h = self.dropout(gelu(self.dense_1(x), self.gelu_flavour), training=training)
+        return self.dropout(self.dense_2(h), training=training)
+
+
+class SwiGLUMLP(keras.layers.Layer):
+    """A gated MLP: [a | b] = dense_1(x), h = silu(a) * b, y = dense_2(h).
+
+    One (D, 2 * hidden_dim) kernel holds both halves, gate first: the layout
+    of timm's `SwiGLUPacked` (`GluMlp` with `gate_last=False`), so DINOv2
+    checkpoints load as they are. The sublayers keep the names of `MLP`'s.
+
+    Args:
+        hidden_dim: inner width after gating (4096 for DINOv2 giant, whose
+            first kernel is (1536, 8192)).
+        use_bias: biases on both projections.
+        dropout_rate: dropout after the gating and after the output.
+
+    Example:
+    ```python
+    mlp = SwiGLUMLP(hidden_dim=64)
+    mlp(keras.ops.ones((2, 17, 32))).shape  # (2, 17, 32); dense_1 is (32, 128)
+    ```
+    """
+
+    def __init__(self, hidden_dim, use_bias=True, dropout_rate=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_dim = hidden_dim
+        self.use_bias = use_bias
+        self.dropout = seeded_dropout(dropout_rate, dtype=self.dtype_policy)
+        self.dense_1 = self.dense_2 = None
+
+    def build(self, input_shape):
+        self.dense_1 = TokenDense(2 * self.hidden_dim, use_bias=self.use_bias, name="dense_1",
+                                  bias_initializer=mlp_bias_initializer(), dtype=self.dtype_policy)
+        self.dense_2 = TokenDense(input_shape[-1], use_bias=self.use_bias, name="dense_2",
+                                  bias_initializer=mlp_bias_initializer(), dtype=self.dtype_policy)
+        self.dense_1.build(input_shape)
+        self.dense_2.build(tuple(input_shape[:-1]) + (self.hidden_dim,))
+
+    def call(self, x, training=None):
+        h = self.dense_1(x)
+        gate, value = h[..., : self.hidden_dim], h[..., self.hidden_dim:]
+        h = self.dropout(ops.silu(gate) * value, training=training)
         return self.dropout(self.dense_2(h), training=training)

@@ -27,6 +27,11 @@ i.e. 8 n d + 2 n m elements + 4 h n^2 bytes. The parallel (ViT-22B) block
 saves 6 n d + 2 n m (one LN, fused projections), the vanilla block
 (SimplEsT-ViT) 7 n d + 2 n m (no LN, no output projection, a second
 activation after the MLP). qk-norm adds q and k before their LN (2 n d).
+The packed SwiGLU MLP saves its first matmul's output (2 n m), the gate's
+activation (n m) and the second matmul input (n m): 4 n m instead of 2 n m.
+LayerScale keeps each branch output for its gradient (2 n d); the
+pre-encoder LayerNorm keeps its input (n d, outside the blocks). Register
+tokens count as tokens (n includes every prefix token).
 With rematerialisation (Keras `RematScope`, one checkpoint per block) only
 each block's input (n d) is kept, and one block's full set is rebuilt at a
 time during the backward pass.
@@ -273,7 +278,11 @@ def _activation_elements(cfg):
     qk_norm = 2 * n * d if cfg.qk_norm and cfg.block != "vanilla" else 0
     if cfg.block == "sequential":
         replicated = 4 * n * d      # LN1 in, QKV in, LN2 in, MLP in
-        sharded = 4 * n * d + 2 * n * m  # q, k, v, attention out; GELU in/out
+        if cfg.layer_scale is not None:
+            replicated += 2 * n * d  # the two scaled branch outputs
+        # q, k, v, attention out; GELU in/out (SwiGLU: [a | b], silu(a), product)
+        hidden = 4 * n * m if cfg.mlp_type == "swiglu" else 2 * n * m
+        sharded = 4 * n * d + hidden
     elif cfg.block == "parallel":
         replicated = 2 * n * d      # LN in, fused-projection in
         sharded = 4 * n * d + 2 * n * m
@@ -283,6 +292,8 @@ def _activation_elements(cfg):
     # Outside the blocks: the patch-embedding output, the final LN input and
     # output, the pooled features and the logits.
     outside = 3 * n * d + cfg.feature_dim + cfg.num_classes
+    if cfg.pre_norm:
+        outside += n * d  # the pre-encoder LayerNorm's input
     if cfg.pooling == "map":
         # probe attention over the tokens: keys and values (2 n d) and its
         # inputs (n d), then an MLP on one token.

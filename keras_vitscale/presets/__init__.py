@@ -21,13 +21,15 @@ from keras_vitscale.presets.directory import (CONFIG_FILE, DEFAULT_MAX_SHARD_GB,
                                               read_directory_config, resolve_directory,
                                               weights_path, write_directory)
 from keras_vitscale.presets.loader import load
-from keras_vitscale.presets.registry import (ALIASES, REGISTRY, PresetRegistry,
-                                             builtin_config, builtin_dir)
+from keras_vitscale.presets.registry import (ALIASES, REGISTRY, PresetHandle, PresetRegistry,
+                                             builtin_config, builtin_dir, parse_handle, tags,
+                                             weights_entry)
 from keras_vitscale.presets.transfer import load_weights_into, transfer_weights
 
 __all__ = [
-    "ALIASES", "CONFIG_FILE", "DEFAULT_MAX_SHARD_GB", "METADATA_FILE", "PresetRegistry",
-    "REGISTRY", "SHARDED_WEIGHTS_FILE", "WEIGHTS_FILE", "builtin_config", "builtin_dir",
-    "load", "load_weights_into", "read_config_file", "read_directory_config",
-    "resolve_directory", "transfer_weights", "weights_path", "write_directory",
+    "ALIASES", "CONFIG_FILE", "DEFAULT_MAX_SHARD_GB", "METADATA_FILE", "PresetHandle",
+    "PresetRegistry", "REGISTRY", "SHARDED_WEIGHTS_FILE", "WEIGHTS_FILE", "builtin_config",
+    "builtin_dir", "load", "load_weights_into", "parse_handle", "read_config_file",
+    "read_directory_config", "resolve_directory", "tags", "transfer_weights", "weights_entry",
+    "weights_path", "write_directory",
 ]

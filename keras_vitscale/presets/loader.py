@@ -11,7 +11,7 @@ from pathlib import Path
 
 from keras_vitscale.presets.directory import (read_directory_config, resolve_directory,
                                               weights_path)
-from keras_vitscale.presets.registry import ALIASES, REGISTRY, builtin_config
+from keras_vitscale.presets.registry import builtin_config, parse_handle, weights_entry
 from keras_vitscale.presets.transfer import load_weights_into
 
 logger = logging.getLogger("keras_vitscale")
@@ -25,11 +25,12 @@ def load(cls, handle, num_classes=None, image_size=None, load_weights=True, dtyp
 
     Args:
         cls: the model class to build (`kvs.ViT`).
-        handle: a built-in preset name (or alias) or a preset directory; other
+        handle: "PRESET[.TAG][@REVISION]" (a built-in preset; with
+            `load_weights` its tag's checkpoint), a preset directory, or other
             handles as far as `resolve` understands them.
         resolve: handle -> local preset directory; default: local paths only
-            (`ViT.from_preset` passes `keras_vitscale.hub.resolve_directory`,
-            which also downloads "hf://org/repo" handles).
+            (`ViT.from_preset` passes `keras_vitscale.pretrained.resolve_directory`,
+            which also downloads and converts checkpoints and "hf://" handles).
 
     Example:
     ```python
@@ -42,17 +43,20 @@ def load(cls, handle, num_classes=None, image_size=None, load_weights=True, dtyp
     if image_size is not None:
         changes["image_size"] = image_size
     handle = str(handle)
-    name = ALIASES.get(handle, handle)
-    if name in REGISTRY and not Path(handle).is_dir():
-        config = builtin_config(name, **changes)
-        weights = REGISTRY[name].get("weights")
-        if not (load_weights and weights):
-            if load_weights and name not in _warned_no_weights:
-                _warned_no_weights.add(name)
+    parsed = None if Path(handle).expanduser().is_dir() else parse_handle(handle)
+    if parsed is not None:
+        entry = weights_entry(parsed.name, parsed.tag)  # an unknown tag fails here
+        if parsed.revision and entry is None:
+            raise ValueError(f"{handle!r}: preset {parsed.name!r} has no published weights, "
+                             "so it has no revisions; drop the '@...'.")
+        config = builtin_config(parsed.name, tag=entry and entry["tag"], **changes)
+        if not (load_weights and entry):
+            if load_weights and parsed.name not in _warned_no_weights:
+                _warned_no_weights.add(parsed.name)
                 logger.warning("Preset %r has no published weights; building it with "
-                               "fresh random weights.", name)
+                               "fresh random weights.", parsed.name)
             return cls(config=config, dtype=dtype)
-        directory = resolve(weights)
+        directory = resolve(handle)
         source = read_directory_config(directory)
     else:
         directory = resolve(handle)

@@ -210,13 +210,15 @@ def teacher_config(teacher):
     ```
     """
     handle = _teacher_handle(teacher)
-    if handle in presets.REGISTRY and not Path(handle).is_dir():
-        if not presets.REGISTRY[handle].get("weights"):
+    parsed = None if Path(handle).is_dir() else presets.parse_handle(handle)
+    if parsed is not None:
+        entry = presets.weights_entry(parsed.name, parsed.tag)
+        if entry is None:
             raise ValueError(
                 f"--teacher {teacher!r} is a built-in preset without published weights: "
                 "a randomly initialised teacher has nothing to teach. Pass a trained "
                 "model: a preset directory, hf://org/repo, or a tools/pretrain.py workdir.")
-        return handle, presets.builtin_config(handle)
+        return handle, presets.builtin_config(parsed.name, tag=entry["tag"])
     try:
         return handle, presets.read_directory_config(hub.resolve_directory(handle))
     except FileNotFoundError as err:  # an incomplete directory: a bad setting too

@@ -287,8 +287,9 @@ def model_config(config, explicit):
     fields.update(chosen)
     preset = config.get("preset")
     if preset:
-        if preset in presets.REGISTRY:
-            return presets.builtin_config(preset, **fields)
+        parsed = presets.parse_handle(preset)
+        if parsed is not None:  # a tag (vit_b16.augreg_in21k) brings its checkpoint's fields
+            return presets.builtin_config(parsed.name, tag=parsed.tag, **fields)
         return presets.read_directory_config(hub.resolve_directory(preset)).replace(**fields)
     return ViTConfig.from_variant(config["variant"], **fields)
 

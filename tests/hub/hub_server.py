@@ -62,12 +62,14 @@ class Repo:
 
 
 class HubServer:
-    """The loopback Hub. `fail` holds endpoint names ("commit", ...) that answer 500."""
+    """The loopback Hub. `fail` holds endpoint names ("commit", ...) that answer 500;
+    `truncate` maps a file path to the bytes sent before its download breaks off."""
 
     def __init__(self):
         self.repos = {}
         self.requests = []
         self.fail = set()
+        self.truncate = {}  # file path -> bytes sent before the connection drops
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -214,12 +216,19 @@ class HubServer:
         if path not in files:
             raise HubError(404, "EntryNotFound", f"{path} does not exist on {revision}")
         data = files[path]
-        status, start = 200, 0
+        status, start, end = 200, 0, len(data)
         byte_range = headers.get("Range", "")
-        if byte_range.startswith("bytes=") and byte_range.endswith("-"):
-            status, start = 206, int(byte_range[6:-1])
+        if byte_range.startswith("bytes="):  # "bytes=START-" or "bytes=START-END" (inclusive)
+            first, _, last = byte_range[6:].partition("-")
+            status, start = 206, int(first)
+            end = min(int(last) + 1, len(data)) if last else len(data)
+        if path in self.truncate:  # a connection that drops after these many bytes
+            end = min(end, start + self.truncate[path])
+            return status, {"ETag": f'"{git_blob_id(data)}"', "X-Repo-Commit": sha,
+                            "Content-Type": "application/octet-stream",
+                            "Content-Length": str(len(data) - start)}, data[start:end]
         return status, {"ETag": f'"{git_blob_id(data)}"', "X-Repo-Commit": sha,
-                        "Content-Type": "application/octet-stream"}, data[start:]
+                        "Content-Type": "application/octet-stream"}, data[start:end]
 
 
 def _json(payload, status=200):
@@ -244,12 +253,14 @@ def _handler_for(hub):
                     headers["X-Error-Code"] = err.code
                 status, data = err.status, json.dumps({"error": err.message, **err.body}).encode()
             self.send_response(status)
+            headers.setdefault("Content-Length", str(len(data)))
             for name, value in headers.items():
                 self.send_header(name, value)
-            self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(data)
+            if int(headers["Content-Length"]) != len(data):
+                self.close_connection = True  # the promised bytes never come
 
         do_GET = do_HEAD = do_POST = _serve
 
