@@ -6,6 +6,7 @@ import pytest
 from timm.data import ImageNetInfo
 
 from keras_vitscale import labels, presets
+from keras_vitscale.presets import registry
 
 TIMM_NAMES = {"imagenet-1k": "imagenet-1k", "imagenet-12k": "imagenet-12k",
               "imagenet-21k": "imagenet-21k-goog"}
@@ -143,3 +144,13 @@ def test_errors_name_the_value_and_the_fix(handles):
         labels.decode_predictions(np.zeros((2, 2, 1000)), "imagenet-1k")
     with pytest.raises(ValueError, match="NaN"):
         labels.decode_predictions(np.full((1, 1000), np.nan), "imagenet-1k")
+
+
+def test_every_builtin_tag_names_a_known_label_set_of_its_head_size():
+    for name in sorted(registry.REGISTRY):
+        for entry in registry.tags(name):
+            where = f"{name}.{entry['tag']}"
+            if entry.get("labels") is None:
+                continue
+            assert labels.LABEL_SETS[entry["labels"]] == entry["num_classes"], where
+            assert entry["activation"] in labels.ACTIVATIONS, where

@@ -9,6 +9,7 @@ from sklearn.datasets import load_sample_images
 from timm.data import create_transform, resolve_data_config
 
 from keras_vitscale.preprocessing import ImagePreprocessor, resized_size, resize_matrix
+from keras_vitscale.presets import registry
 
 BILINEAR = {"input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation": "bilinear",
             "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
@@ -219,3 +220,15 @@ def test_bad_settings_are_refused(kwargs, words):
 def test_channels_first_timm_input_size_is_required():
     with pytest.raises(ValueError, match=r"\(224, 224, 3\).*\[3, height, width\]"):
         ImagePreprocessor.from_config_dict({"input_size": (224, 224, 3)})
+
+
+def test_every_builtin_tags_preprocessing_is_supported_and_is_timms():
+    for name in sorted(registry.REGISTRY):
+        for entry in registry.tags(name):
+            facts = entry["preprocessing"]
+            prep = ImagePreprocessor.from_config_dict(facts)
+            assert prep.image_size == tuple(facts["input_size"][1:])
+            # The facts give the layer timm's pretrained config of the source gives.
+            timm_cfg = timm.models.get_pretrained_cfg(entry["source"].removeprefix("timm/"))
+            from_timm = ImagePreprocessor.from_config_dict(timm_cfg.to_dict(), name=prep.name)
+            assert from_timm.get_config() == prep.get_config(), entry["source"]
