@@ -19,8 +19,6 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_vitscale import presets
-
 # timm's defaults for a pretrained_cfg key that is absent (resolve_data_config).
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -291,7 +289,9 @@ class ImagePreprocessor(keras.layers.Layer):
         """The preprocessor a preset's checkpoint was evaluated with.
 
         Args:
-            handle: a preset handle ("vit_b16.augreg2_in21k_ft_in1k", ...).
+            handle: a preset handle ("vit_b16.augreg2_in21k_ft_in1k", ...) or
+                any handle `kvs.ViT.from_preset` takes with recorded
+                preprocessing (`keras_vitscale.pretrained.preprocessing_for`).
             **kwargs: passed to the constructor (`input_scale`, `name`...).
 
         Example:
@@ -299,7 +299,11 @@ class ImagePreprocessor(keras.layers.Layer):
         prep = kvs.ImagePreprocessor.from_preset("vit_so400m14_siglip_378.webli_ft_in1k")
         ```
         """
-        return cls.from_config_dict(presets.preprocessing_for(handle), **kwargs)
+        # Imported here: only a handle needs the checkpoint facts (and the Hub
+        # client behind them); the layer itself does not.
+        from keras_vitscale import pretrained
+
+        return cls.from_config_dict(pretrained.preprocessing_for(handle), **kwargs)
 
     def get_config(self):
         return {**super().get_config(), "image_size": self.image_size,

@@ -1,11 +1,15 @@
 """ImageNet class names (against timm's ImageNetInfo) and decode_predictions."""
 
+import sys
+import types
+
 import keras
 import numpy as np
 import pytest
 from timm.data import ImageNetInfo
 
-from keras_vitscale import labels, presets
+import keras_vitscale
+from keras_vitscale import labels
 from keras_vitscale.presets import registry
 
 TIMM_NAMES = {"imagenet-1k": "imagenet-1k", "imagenet-12k": "imagenet-12k",
@@ -114,8 +118,12 @@ def fake_labels_for(handle):
 
 @pytest.fixture
 def handles(monkeypatch):
-    # presets.labels_for is the lead's; its contract is stood in for here.
-    monkeypatch.setattr(presets, "labels_for", fake_labels_for, raising=False)
+    # pretrained.labels_for's contract, stood in for: these tests are about
+    # decoding, whatever the handle's facts are read from.
+    stand_in = types.ModuleType("keras_vitscale.pretrained")
+    stand_in.labels_for = fake_labels_for
+    monkeypatch.setitem(sys.modules, "keras_vitscale.pretrained", stand_in)
+    monkeypatch.setattr(keras_vitscale, "pretrained", stand_in, raising=False)
 
 
 def test_a_handle_gives_the_label_set_and_activation(handles):

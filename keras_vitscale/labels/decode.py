@@ -2,7 +2,6 @@
 
 import numpy as np
 
-from keras_vitscale import presets
 from keras_vitscale.labels.imagenet import (ALIASES, LABEL_SETS, imagenet_labels,
                                             resolve_label_set)
 
@@ -31,17 +30,22 @@ def _label_set_and_activation(source):
     """(label set, default activation) of a label set name or a preset handle."""
     if source in LABEL_SETS or source in ALIASES:
         return resolve_label_set(source), "softmax"
+    # Imported here: only a handle needs the checkpoint facts (and the Hub
+    # client behind them).
+    from keras_vitscale import pretrained
+
     try:
-        info = presets.labels_for(source)
+        info = pretrained.labels_for(source)
     except (KeyError, ValueError) as error:
         raise ValueError(f"{source!r} is neither a label set ({sorted(LABEL_SETS)}) nor a "
                          f"preset handle with a classifier: {error}") from error
     if info.get("label_set") is None:
         raise ValueError(
-            f"{source!r} has no class labels: its checkpoint has no classifier head over "
-            "a known label set (a features-only or projection checkpoint), so there is "
-            "nothing to decode. Use its outputs as features, or pass the label set "
-            f"({sorted(LABEL_SETS)}) of a head you trained.")
+            f"{source!r} has no class labels: it names no checkpoint with a classifier over "
+            "a known label set (a features-only or projection checkpoint, or a preset "
+            "without published weights), so there is nothing to decode. Use its outputs "
+            f"as features, or pass the label set ({sorted(LABEL_SETS)}) of a head you "
+            "trained.")
     return resolve_label_set(info["label_set"]), info.get("activation") or "softmax"
 
 
