@@ -284,6 +284,12 @@ class ViTConfig:
                 "but there are none: set class_token=True (or num_register_tokens "
                 "> 0), or posemb_covers_class_token=False."
             )
+        if self.posemb_covers_class_token and self.posemb == "sincos2d":
+            raise ValueError(
+                "posemb 'sincos2d' is a fixed table over the patch grid and has no "
+                "entry for prefix tokens: set posemb_covers_class_token=False (or "
+                "posemb='learn')."
+            )
         self._validate_block_options()
         if self.block == "vanilla" and (self.pooling == "map" or self.class_token):
             raise ValueError(

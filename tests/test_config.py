@@ -150,6 +150,8 @@ NEW_FIELDS = ("pre_norm", "patch_bias", "head_bias", "layer_scale", "num_registe
     (dict(pooling="gap", class_token=False, num_register_tokens=0,
           posemb_covers_class_token=True), ["class_token=True", "num_register_tokens"]),
     (dict(head_bias=False, head_bias_init=-10.0), ["head_bias_init=-10.0", "head_bias=True"]),
+    (dict(posemb="sincos2d", posemb_covers_class_token=True),
+     ["sincos2d", "posemb_covers_class_token=False"]),
 ])
 def test_bad_new_options_name_value_and_fix(kwargs, words):
     with pytest.raises(ValueError) as err:
@@ -186,6 +188,8 @@ def test_so400m_variant():
     cfg = ViTConfig.from_variant("So400m/14", pooling="map", num_classes=0)
     assert (cfg.width, cfg.depth, cfg.mlp_dim, cfg.num_heads) == (1152, 27, 4304, 16)
     assert not cfg.class_token and cfg.head_dim == 72
+    fields = TIMM_MODELS["vit_so400m_patch14_siglip_224"][2]
+    assert cfg.replace(gelu="exact").parameter_shapes() == ViTConfig(**fields).parameter_shapes()
 
 
 def test_flops_of_new_options_by_formula():
@@ -230,8 +234,9 @@ _CLIP = dict(patch_size=14, image_size=224, pooling="tok", class_token=True,
              # timm's head is an nn.Linear with a bias (zeros in the OpenCLIP
              # checkpoints it converts): its count includes it.
              head_bias=True)
+# timm runs its SigLIP towers (and their MAP head's MLP) with exact GELU.
 _SIGLIP = dict(pooling="map", class_token=False, posemb_covers_class_token=False,
-               gelu="tanh")
+               gelu="exact")
 TIMM_MODELS = {
     "vit_giant_patch14_clip_224": (1024, 1_012_646_656, dict(
         _CLIP, width=1408, depth=40, mlp_dim=6144, num_heads=16, num_classes=1024)),

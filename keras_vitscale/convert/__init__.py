@@ -1,9 +1,12 @@
 """Importers that turn checkpoints of other libraries into `kvs.ViT` models.
 
-One module per source holds its names and layouts (timm.py with
-timm_module.py for a live timm model, big_vision.py, transformers.py);
-common.py builds the model and copies the arrays with named shape checks,
-files.py reads checkpoint files, verify.py compares outputs with the source.
+One module per source holds its names and layouts (timm_layout.py for timm's
+state dicts, with timm.py's `from_timm` and timm_module.py for a live timm
+model; big_vision.py; transformers.py); common.py builds the model and copies
+the arrays with named shape checks, files.py reads checkpoint files,
+verify.py compares outputs with the source. timm_layout, common and files
+never import model.py, so the pretrained-weights loader (which model.py
+imports) can use them.
 
 Example:
 ```python

@@ -80,7 +80,9 @@ def from_big_vision(path, variant=None, *, name="vit", dtype=None, verbose=False
     params = load_npz(path)
     num_classes = overrides.pop("num_classes", None)
     config = config_from_params(params, variant, **overrides)
-    return build_model(config, num_classes,
+    from keras_vitscale.model import ViT
+
+    return build_model(ViT, config, num_classes,
                        lambda config, drop_head: convert_params(params, config, drop_head),
                        source_name="from_big_vision", name=name, dtype=dtype, verbose=verbose)
 

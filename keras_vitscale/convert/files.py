@@ -1,11 +1,13 @@
 """Reading source checkpoints from disk: safetensors, .npz, torch state dicts.
 
 Every reader returns `{name: array}` in the source's own names and layout;
-the source modules (timm.py, big_vision.py, transformers.py) map those names
-to ours, and `common.gather_weights` reads each tensor once, when its
-variable is filled. A reader may therefore return any `Mapping` that loads a
-tensor on lookup (safetensors' `safe_open` reads one tensor at a time), which
-is where streaming conversion of large checkpoints belongs.
+the source modules (timm_layout.py, big_vision.py, transformers.py) map those
+names to ours, and `common.gather_weights` reads each tensor once, when its
+variable is filled. `SafetensorsReader` (safetensors_reader.py) is such a
+mapping: it parses the header when opened and reads one tensor per lookup
+with numpy, so a conversion streams tensor by tensor and needs no torch.
+
+This module never imports model.py: the pretrained-weights loader uses it.
 
 Nothing here downloads: timm's pretrained weights are taken from the local
 Hugging Face or torch.hub cache only.
@@ -13,7 +15,8 @@ Hugging Face or torch.hub cache only.
 Example:
 ```python
 from keras_vitscale.convert import files
-state = files.load_state_dict("vit_s16.safetensors")        # {timm name: array}
+state = files.load_state_dict("vit_s16.safetensors")        # {timm name: array}, lazy
+state.shapes["pos_embed"]                                    # from the header
 tree = files.read_npz("siglip.npz:params/img")               # .arrays, .root, .path
 hf_config, state = files.read_transformers_directory("saved_vit/")
 ```
@@ -23,10 +26,14 @@ import collections
 import json
 import logging
 import os
+import pickle
 import re
 import zipfile
 
 import numpy as np
+
+from keras_vitscale.convert.open_clip_layout import is_open_clip, timm_view
+from keras_vitscale.convert.safetensors_reader import SafetensorsReader
 
 logger = logging.getLogger("keras_vitscale")
 
@@ -46,36 +53,39 @@ Args:
 
 # ---- safetensors and torch state dicts ----------------------------------------
 def read_safetensors(path):
-    """{name: array} of a .safetensors file (numpy; bfloat16 files via torch).
+    """{name: array} of a .safetensors file, read one tensor per lookup.
+
+    A `SafetensorsReader`: nothing but the header is read until a tensor is
+    looked up; bfloat16 tensors come back as float32.
 
     Raises:
         ValueError: a truncated or corrupt file.
     """
-    try:
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-    except ImportError as error:
-        raise ImportError("Reading .safetensors needs safetensors: pip install "
-                          "safetensors (or keras_vitscale[test]).") from error
-    try:
-        return load_file(path)
-    except SafetensorError as error:
-        raise ValueError(
-            f"Cannot read {str(path)!r} as safetensors ({error}). The file is truncated or "
-            "corrupt (an interrupted download or copy?); fetch or save it again."
-        ) from error
-    except TypeError:
-        # numpy has no bfloat16: read those files through torch instead.
-        from safetensors.torch import load_file as load_torch
+    return SafetensorsReader(path)
 
-        return load_torch(path)
+
+def _torch_load(torch, path):
+    # mmap keeps the file's tensors out of memory until they are read; a
+    # legacy (non-zip) file cannot be mapped and is read whole.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_state_dict(path):
     """Reads a timm state dict from .safetensors or .pth/.pt/.bin.
 
-    .pth files are read with `torch.load(weights_only=True)`, which refuses
-    pickled code; a {"model": ...} or {"state_dict": ...} wrapper is unwrapped.
+    .safetensors files are read lazily (`SafetensorsReader`), without torch.
+    .pth/.bin files need torch and are read with
+    `torch.load(weights_only=True)`, which refuses pickled code; a
+    {"model": ...} or {"state_dict": ...} wrapper is unwrapped.
+
+    Raises:
+        ImportError: a pickled checkpoint without torch installed.
+        ValueError: a truncated or corrupt file, or no state dict in it.
 
     Example:
     ```python
@@ -85,9 +95,22 @@ def load_state_dict(path):
     path = str(path)
     if path.endswith(".safetensors"):
         return read_safetensors(path)
-    import torch
-
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(
+            f"{path!r} is a pickled PyTorch checkpoint, which only torch can read: "
+            "pip install torch, or use the repository's model.safetensors, which "
+            "needs no torch.") from error
+    try:
+        data = _torch_load(torch, path)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        raise ValueError(
+            f"Cannot read {path!r} as a PyTorch checkpoint ({type(error).__name__}: "
+            f"{error}). The file is truncated or corrupt (an interrupted download or "
+            "copy?), or not a checkpoint; download or save it again.") from error
     # Training checkpoints nest the weights one or two levels down.
     while isinstance(data, dict) and "patch_embed.proj.weight" not in data:
         inner = [data[k] for k in ("state_dict", "model", "module")
@@ -98,6 +121,37 @@ def load_state_dict(path):
     if not isinstance(data, dict):
         raise ValueError(f"{path!r} holds a {type(data).__name__}, not a state dict.")
     return data
+
+
+def open_checkpoint(path):
+    """A timm checkpoint file as a timm-layout state dict, read lazily where possible.
+
+    model.safetensors (and any .safetensors) is a `SafetensorsReader`: the
+    header is checked now, each tensor read on lookup, no torch needed.
+    pytorch_model.bin / .pth need torch (`load_state_dict`). An OpenCLIP
+    file (open_clip_model.safetensors) is seen through
+    `open_clip_layout.timm_view`, in timm's names, as timm loads it.
+
+    Args:
+        path: the downloaded weights file.
+
+    Returns:
+        A mapping `{timm name: array}`; its `.shapes` (where present) or
+        `common.shapes_of` give the shapes without reading data.
+
+    Raises:
+        ValueError: a truncated or corrupt file (named, saying to download
+            it again).
+        ImportError: a pickled checkpoint without torch.
+
+    Example:
+    ```python
+    state = open_checkpoint(hf_hub_download("timm/vit_small_patch16_224.augreg_in21k_ft_in1k",
+                                            "model.safetensors"))
+    ```
+    """
+    state = load_state_dict(path)
+    return timm_view(state) if is_open_clip(state) else state
 
 
 # ---- timm: model names and its cache --------------------------------------------
@@ -279,8 +333,8 @@ def read_transformers_config(source):
 def read_transformers_directory(source):
     """(config dict, {name as in the file: array}) of a `save_pretrained` directory.
 
-    Reads model.safetensors or every shard its index names, without
-    importing transformers or torch (torch only for bfloat16 files).
+    The weights are a `SafetensorsReader` over model.safetensors or every
+    shard its index names (read per lookup), without transformers or torch.
 
     Raises:
         FileNotFoundError: no such directory.
@@ -288,10 +342,7 @@ def read_transformers_directory(source):
             truncated or corrupt safetensors file.
     """
     hf_config = read_transformers_config(source)
-    state = {}
-    for path in _transformers_weight_files(transformers_directory(source)):
-        state.update(read_safetensors(path))
-    return hf_config, state
+    return hf_config, SafetensorsReader(_transformers_weight_files(transformers_directory(source)))
 
 
 def _transformers_weight_files(directory):

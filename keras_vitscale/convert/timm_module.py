@@ -1,14 +1,12 @@
 """A live timm VisionTransformer <-> ViTConfig: its settings read, or one built.
 
 `config_from_module` reads what a timm module computes (LayerNorm epsilon,
-GELU flavour, pooling, position-embedding order, block kind) from its
+GELU flavour, pooling, position-embedding order, block kind, pre-encoder
+norm, biases, LayerScale, register tokens, packed SwiGLU MLP) from its
 submodules and refuses, listing them all, the options ViTConfig cannot
-express: LayerScale, register or distillation tokens, a norm inside the
-patch embedding, attention or MLP, gated attention, an attention pool other
-than timm's MAP head. OpenCLIP-style towers (timm's
-`vit_giant_patch14_clip_224`, `..._clip_*`) use pre_norm=True, a LayerNorm on
-the embedded tokens before the first block, which ViTConfig has no place
-for; they are refused naming pre_norm rather than converted approximately.
+express: distillation tokens, a norm inside the patch embedding, attention
+or MLP, gated attention, an attention pool other than timm's MAP head,
+activations other than GELU (and SiLU in a packed SwiGLU).
 
 `to_timm` goes the other way: a timm module of a config's layout, which
 loads a converted state dict strictly and so judges a conversion.
@@ -23,6 +21,7 @@ reference = to_timm(config)          # random weights, same layout
 import functools
 
 from keras_vitscale.config import ViTConfig
+from keras_vitscale.convert.timm_layout import unsupported_message
 
 # timm's global_pool -> our pooling.
 POOLINGS = {"token": "tok", "avg": "gap", "map": "map", "": "none"}
@@ -32,8 +31,16 @@ def config_from_module(module):
     """Reads a `ViTConfig` from a timm VisionTransformer module.
 
     Raises:
+        TypeError: not a timm VisionTransformer.
         ValueError: listing every option the module uses that `ViTConfig`
-            cannot express (LayerScale, register tokens, pre-norm, ...).
+            cannot express (distillation token, norm in the patch embedding,
+            gated attention, ...).
+
+    Example:
+    ```python
+    config_from_module(timm.create_model("vit_giant_patch14_reg4_dinov2"))
+    # ViTConfig(..., num_register_tokens=4, layer_scale=1e-05, mlp_type='swiglu')
+    ```
     """
     import torch.nn as nn
     from timm.layers import AttentionPoolLatent, Mlp, PatchEmbed
@@ -51,37 +58,45 @@ def config_from_module(module):
             problems.append(option)
 
     has_cls = m.cls_token is not None
-    need(m.reg_token is None, f"register tokens (reg_tokens={m.num_reg_tokens})")
-    need(m.num_prefix_tokens == int(has_cls) + m.num_reg_tokens,
+    registers = m.num_reg_tokens if m.reg_token is not None else 0
+    need(m.num_prefix_tokens == int(has_cls) + registers,
          "extra prefix tokens (e.g. DeiT's distillation token)")
     need(not m.dynamic_img_size, "dynamic_img_size=True")
-    need(isinstance(m.norm_pre, nn.Identity),
-         "pre_norm=True (norm_pre: a LayerNorm on the embedded tokens before the first "
-         "block, as in OpenCLIP towers such as vit_giant_patch14_clip_224; ViTConfig has "
-         "no such norm)")
+    need(isinstance(m.norm_pre, (nn.Identity, nn.LayerNorm)),
+         f"norm_pre {type(m.norm_pre).__name__} (only a LayerNorm before the encoder)")
     pe = m.patch_embed
     need(type(pe) is PatchEmbed and isinstance(pe.norm, nn.Identity)
-         and pe.proj.bias is not None and not pe.dynamic_img_pad
-         and pe.img_size is not None,
-         "a patch embedding other than timm's PatchEmbed with a biased convolution "
-         "(embed_layer, embed_norm_layer, pre_norm, dynamic_img_pad or img_size=None)")
+         and not pe.dynamic_img_pad and pe.img_size is not None,
+         "a patch embedding other than timm's PatchEmbed (embed_layer, embed_norm_layer, "
+         "dynamic_img_pad or img_size=None)")
+    if type(pe) is PatchEmbed and pe.img_size is not None:
+        need(all(s % p == 0 for s, p in zip(pe.img_size, pe.patch_size)),
+             f"img_size {tuple(pe.img_size)} not a multiple of patch_size "
+             f"{tuple(pe.patch_size)} (timm's convolution drops the remainder)")
     need(m.global_pool in POOLINGS, f"global_pool={m.global_pool!r} (use one of "
          f"{sorted(POOLINGS)})")
-    need(not (m.pool_include_prefix and m.num_prefix_tokens),
-         "pool_include_prefix=True with a class token")
-    need(not (has_cls and m.global_pool == "map"),
-         "class_token=True with global_pool='map' (timm's pool skips the class "
-         "token; the MAP head attends over every token)")
+    # Our average pool reads the patches only, as timm's does unless
+    # pool_include_prefix; our MAP head attends over every token, timm's
+    # over the patches unless pool_include_prefix.
+    prefix = m.num_prefix_tokens
+    need(not (prefix and m.global_pool == "avg" and m.pool_include_prefix),
+         "pool_include_prefix=True with global_pool='avg' and prefix tokens")
+    need(not (prefix and m.global_pool == "map" and not m.pool_include_prefix),
+         "global_pool='map' with a class or register token (timm's pool skips the prefix "
+         "tokens; the MAP head attends over every token)")
     need(not (isinstance(m.norm, nn.Identity) and isinstance(m.fc_norm, nn.Identity)),
          "final_norm=False (ViTConfig always has a final LayerNorm)")
-    need(isinstance(m.head, nn.Identity)
-         or (isinstance(m.head, nn.Linear) and m.head.bias is not None),
-         f"head {type(m.head).__name__} (only nn.Linear with bias, or none)")
+    need(isinstance(m.head, (nn.Identity, nn.Linear)),
+         f"head {type(m.head).__name__} (only nn.Linear, or none)")
 
     blocks = list(m.blocks)
     read = _parallel_blocks if _is_parallel(blocks[0]) else _sequential_blocks
     fields, norms, acts = read(blocks, m.embed_dim, need)
-    block_bias = {n.bias is not None for n in norms}
+    if not fields:  # blocks of a kind with nothing more to read
+        raise ValueError(unsupported_message(problems))
+    if isinstance(m.norm_pre, nn.LayerNorm):
+        norms.append(m.norm_pre)
+    norm_bias = {getattr(n, "bias", None) is not None for n in norms}
     norms.append(m.fc_norm if isinstance(m.norm, nn.Identity) else m.norm)
 
     pool = m.attn_pool
@@ -101,29 +116,33 @@ def config_from_module(module):
     if problems:
         raise ValueError(unsupported_message(problems))
 
-    flavours = {_gelu_flavour(a) for a in acts}
+    # A packed-SwiGLU model without a MAP head has no GELU: timm's default.
+    flavours = {_gelu_flavour(a) for a in acts} or {"exact"}
     eps = {getattr(n, "eps", None) for n in norms}
     layer_norms = all(isinstance(n, nn.LayerNorm) and n.elementwise_affine for n in norms)
     need(len(flavours) == 1 and None not in flavours,
-         f"activation {sorted({type(a).__name__ for a in acts})} (only exact or tanh GELU)")
+         f"activation {sorted({type(a).__name__ for a in acts})} (only exact or tanh GELU, "
+         "and SiLU in a packed SwiGLU MLP)")
     need(layer_norms, "a norm other than an affine nn.LayerNorm (e.g. RmsNorm)")
     need(len(eps) == 1, f"LayerNorms with different epsilons {sorted(eps)}")
-    need(len(block_bias) == 1, "LayerNorms with and without bias in one model")
-    need(block_bias != {False} or m.global_pool != "map",
+    need(len(norm_bias) == 1, "LayerNorms with and without bias in one model")
+    need(norm_bias != {False} or m.global_pool != "map",
          "bias-free LayerNorms with global_pool='map' (the MAP head's norm has a bias)")
     if problems:
         raise ValueError(unsupported_message(problems))
 
     pooling = POOLINGS[m.global_pool]
     posemb = "learn" if m.pos_embed is not None else "none"
+    head = m.head if isinstance(m.head, nn.Linear) else None
     return ViTConfig(
         **fields, width=m.embed_dim, depth=len(blocks), patch_size=tuple(pe.patch_size),
-        image_size=tuple(pe.img_size),
-        num_classes=m.head.out_features if isinstance(m.head, nn.Linear) else 0,
+        image_size=tuple(pe.img_size), num_classes=head.out_features if head else 0,
         in_channels=pe.proj.in_channels, pooling=pooling, class_token=has_cls,
-        posemb=posemb,
-        posemb_covers_class_token=has_cls and posemb == "learn" and not m.no_embed_class,
-        norm_bias=block_bias.pop(),
+        num_register_tokens=registers, posemb=posemb,
+        posemb_covers_class_token=bool(m.num_prefix_tokens) and posemb == "learn"
+        and not m.no_embed_class,
+        pre_norm=isinstance(m.norm_pre, nn.LayerNorm), patch_bias=pe.proj.bias is not None,
+        head_bias=head is None or head.bias is not None, norm_bias=norm_bias.pop(),
         layer_norm_epsilon=float(eps.pop()), gelu=flavours.pop(),
         norm_position="before_pool" if not isinstance(m.norm, nn.Identity) else "after_pool")
 
@@ -143,37 +162,75 @@ def _blocks_of_kind(blocks, kind, name, need):
             need(False, f"blocks.{i} is {type(blk).__name__}, not timm's {name} like blocks.0")
 
 
+def _layer_scale(blk, where, need):
+    """The block's LayerScale init value, or None; ls1 and ls2 must agree."""
+    import torch.nn as nn
+    from timm.layers import LayerScale
+
+    kinds = {type(blk.ls1), type(blk.ls2)}
+    if kinds == {nn.Identity}:
+        return None
+    values = {getattr(ls, "init_values", None) for ls in (blk.ls1, blk.ls2)}
+    need(kinds == {LayerScale} and len(values) == 1 and None not in values,
+         f"{where}.ls1/ls2 other than two timm LayerScale of one init value")
+    return float(values.pop()) if len(values) == 1 and None not in values else None
+
+
+def _mlp(mlp, where, need):
+    """(mlp_type, inner width, activation) of timm's Mlp or packed SwiGLU."""
+    import torch.nn as nn
+    from timm.layers import GluMlp, Mlp
+
+    if type(mlp) not in (GluMlp, Mlp):
+        need(False, f"{where}.mlp is {type(mlp).__name__}, not timm's Mlp or SwiGLUPacked "
+                    "(e.g. the unpacked SwiGLU's fc1_g/fc1_x)")
+        return None, None, None
+    need(isinstance(mlp.norm, nn.Identity)
+         and (mlp.fc1.bias is None) == (mlp.fc2.bias is None),
+         f"{where}.mlp has a norm inside (scale_mlp_norm) or a bias on one side only")
+    if type(mlp) is GluMlp:
+        need(not mlp.gate_last and isinstance(mlp.act, nn.SiLU) and mlp.chunk_dim == -1
+             and mlp.fc1.out_features == 2 * mlp.fc2.in_features,
+             f"{where}.mlp is a GluMlp other than timm's SwiGLUPacked (SiLU, gate first)")
+        return "swiglu", mlp.fc2.in_features, None
+    return "gelu", mlp.fc1.out_features, mlp.act
+
+
 def _sequential_blocks(blocks, width, need):
     """(config fields, norms, activations) of timm pre-norm `Block`s."""
     import torch.nn as nn
-    from timm.layers import Attention, Mlp
+    from timm.layers import Attention
     from timm.models.vision_transformer import Block
 
-    attn0, mlp0 = blocks[0].attn, blocks[0].mlp
-    norms, acts = [], []
+    norms, acts, layouts = [], [], set()
+    if type(blocks[0]) is not Block:
+        need(False, f"blocks.0 is {type(blocks[0]).__name__}, not timm's pre-norm Block or "
+                    "ParallelScalingBlock")
+        return {}, norms, acts
+    attn0 = blocks[0].attn
     for where, blk in _blocks_of_kind(blocks, Block, "pre-norm Block", need):
-        need(isinstance(blk.ls1, nn.Identity) and isinstance(blk.ls2, nn.Identity),
-             f"LayerScale (init_values=..., {where}.ls1/ls2)")
-        attn, mlp = blk.attn, blk.mlp
+        attn = blk.attn
         need(type(attn) is Attention and isinstance(attn.norm, nn.Identity)
              and getattr(attn, "gate", None) is None
              and attn.head_dim * attn.num_heads == width
              and attn.num_heads == attn0.num_heads,
              f"{where}.attn is not plain timm Attention (scale_attn_norm, gated, "
              "attn_head_dim or attn_layer)")
-        need(type(mlp) is Mlp and isinstance(mlp.norm, nn.Identity)
-             and mlp.fc1.out_features == mlp0.fc1.out_features
-             and (mlp.fc1.bias is None) == (mlp.fc2.bias is None),
-             f"{where}.mlp is not timm's plain Mlp (mlp_layer or scale_mlp_norm)")
+        mlp_type, mlp_dim, act = _mlp(blk.mlp, where, need)
+        layouts.add((mlp_type, mlp_dim, _layer_scale(blk, where, need)))
         norms += [blk.norm1, blk.norm2]
-        if not isinstance(getattr(attn, "q_norm", None), nn.Identity):
+        if not isinstance(getattr(attn, "q_norm", None), (nn.Identity, type(None))):
             norms += [attn.q_norm, attn.k_norm]
-        acts.append(getattr(mlp, "act", None))
+        if act is not None:
+            acts.append(act)
+    need(len(layouts) == 1, f"blocks differ in MLP or LayerScale: {sorted(layouts, key=str)}")
+    mlp_type, mlp_dim, layer_scale = sorted(layouts, key=str)[0]
     fields = dict(
-        block="sequential", mlp_dim=mlp0.fc1.out_features, num_heads=attn0.num_heads,
-        qk_norm=not isinstance(attn0.q_norm, nn.Identity),
+        block="sequential", mlp_type=mlp_type, mlp_dim=mlp_dim, layer_scale=layer_scale,
+        num_heads=attn0.num_heads, qk_norm=not isinstance(attn0.q_norm, nn.Identity),
         qkv_bias=attn0.qkv.bias is not None, attn_out_bias=attn0.proj.bias is not None,
-        mlp_bias=mlp0.fc1.bias is not None)
+        mlp_bias=getattr(blocks[0].mlp.fc1, "bias", None) is not None
+        if hasattr(blocks[0].mlp, "fc1") else True)
     return fields, norms, acts
 
 
@@ -196,7 +253,9 @@ def _parallel_blocks(blocks, width, need):
     norms, acts = [], []
     for where, blk in _blocks_of_kind(blocks, ParallelScalingBlock, "ParallelScalingBlock",
                                       need):
-        need(isinstance(blk.ls, nn.Identity), f"LayerScale (init_values=..., {where}.ls)")
+        need(isinstance(blk.ls, nn.Identity),
+             f"LayerScale in a ParallelScalingBlock ({where}.ls; ViTConfig has it for "
+             "sequential blocks only)")
         need(blk.num_heads * blk.head_dim == width and layout(blk) == layout(b0),
              f"{where} differs from blocks.0 in heads, MLP width, biases, qk_norm or "
              "fuse_out_proj")
@@ -222,26 +281,28 @@ def _gelu_flavour(act):
     return None
 
 
-def unsupported_message(problems):
-    listed = "\n  - ".join(problems)
-    return (f"The timm model uses option(s) that ViTConfig cannot express:\n  - {listed}\n"
-            "Convert a plain timm VisionTransformer (pre-norm Block or "
-            "ParallelScalingBlock, LayerNorm, GELU, token/avg/map/'' pooling) or extend "
-            "ViTConfig first.")
-
-
 def to_timm(config, fuse_out_proj=True):
     """A timm VisionTransformer with the layout of `config` (random weights).
 
     Used to check a converted state dict against timm itself; only configs
-    that timm's ViT can express are accepted.
+    that timm's ViT can express are accepted. Biases timm ties to other
+    options (its patch embedding has a bias iff not pre_norm, its head
+    always) are set afterwards to the config's.
 
     Args:
         config: a `ViTConfig`.
         fuse_out_proj: for block="parallel", one `out_proj` (True) or timm's
             separate `attn_out_proj` and `mlp_out_proj` (False).
+
+    Example:
+    ```python
+    reference = to_timm(ViTConfig(..., num_register_tokens=4, mlp_type="swiglu"))
+    reference.load_state_dict(state_dict, strict=True)
+    ```
     """
     import timm.layers
+    import torch
+    import torch.nn as nn
     from timm.models.vision_transformer import Block, ParallelScalingBlock, VisionTransformer
 
     c = config
@@ -257,14 +318,25 @@ def to_timm(config, fuse_out_proj=True):
                          f"mlp_bias {c.mlp_bias}, norm_bias {c.norm_bias}).")
     block_fn = Block if c.block == "sequential" else functools.partial(
         ParallelScalingBlock, fuse_out_proj=fuse_out_proj)
-    return VisionTransformer(block_fn=block_fn,
-        img_size=c.image_size, patch_size=c.patch_size, in_chans=c.in_channels,
-        num_classes=c.num_classes, global_pool=pools[c.pooling], embed_dim=c.width,
-        depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.mlp_dim / c.width,
+    swiglu = c.mlp_type == "swiglu"
+    model = VisionTransformer(
+        block_fn=block_fn, img_size=c.image_size, patch_size=c.patch_size,
+        in_chans=c.in_channels, num_classes=c.num_classes, global_pool=pools[c.pooling],
+        embed_dim=c.width, depth=c.depth, num_heads=c.num_heads,
+        # SwiGLUPacked's hidden_features is its fc1 width: both halves.
+        mlp_ratio=(2 if swiglu else 1) * c.mlp_dim / c.width,
         qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, proj_bias=c.attn_out_bias,
-        class_token=c.class_token, no_embed_class=not c.posemb_covers_class_token,
-        pos_embed="learn" if c.posemb == "learn" else "none",
+        init_values=c.layer_scale, class_token=c.class_token,
+        reg_tokens=c.num_register_tokens, no_embed_class=not c.posemb_covers_class_token,
+        pre_norm=c.pre_norm, pos_embed="learn" if c.posemb == "learn" else "none",
         fc_norm=c.norm_position == "after_pool",
-        act_layer="gelu" if c.gelu == "exact" else "gelu_tanh",
+        mlp_layer=timm.layers.SwiGLUPacked if swiglu else timm.layers.Mlp,
+        act_layer=nn.SiLU if swiglu else "gelu" if c.gelu == "exact" else "gelu_tanh",
         norm_layer=functools.partial(timm.layers.LayerNorm, eps=c.layer_norm_epsilon),
         weight_init="skip")
+    proj = model.patch_embed.proj
+    if (proj.bias is not None) != c.patch_bias:
+        proj.bias = nn.Parameter(torch.zeros(c.width)) if c.patch_bias else None
+    if c.num_classes and not c.head_bias:
+        model.head.bias = None
+    return model

@@ -40,7 +40,8 @@ import re
 import numpy as np
 
 from keras_vitscale.config import ViTConfig
-from keras_vitscale.convert.common import Source, build_model, gather_weights, variant_fields
+from keras_vitscale.convert.common import (RenamedSource, Source, build_model, gather_weights,
+                                           shapes_of, variant_fields)
 from keras_vitscale.convert.files import read_transformers_directory
 
 # transformers 5's in-memory names -> the names its files use (and v4's).
@@ -89,8 +90,10 @@ def from_transformers(source, variant=None, *, use_pooler=False, name="vit", dty
     hf_config, state = load_checkpoint(source)
     num_classes = overrides.pop("num_classes", None)
     config = config_from_hf(hf_config, state, variant, use_pooler=use_pooler, **overrides)
+    from keras_vitscale.model import ViT
+
     return build_model(
-        config, num_classes,
+        ViT, config, num_classes,
         lambda config, drop_head: convert_state(state, config, drop_head, use_pooler),
         source_name="from_transformers", name=name, dtype=dtype, verbose=verbose)
 
@@ -120,13 +123,13 @@ def load_checkpoint(source):
 
 def _file_names(state):
     """Renames keys to the file format and drops the "vit." prefix."""
-    out = {}
-    for key, value in state.items():
+    def rename(key):
         key = key[len("vit."):] if key.startswith("vit.") else key
         for pattern, replacement in _V5_TO_FILE:
             key = re.sub(pattern, replacement, key)
-        out[key] = value
-    return out
+        return key
+
+    return RenamedSource(state, rename)  # still read one tensor per lookup
 
 
 # ---- settings ----------------------------------------------------------------
@@ -153,6 +156,7 @@ def config_from_hf(hf_config, state, variant=None, use_pooler=False, **overrides
     if c.get("head_dim") not in (None, width // heads):
         raise ValueError(f"head_dim {c['head_dim']} * {heads} heads != hidden_size {width}; "
                          "ViTConfig needs width = heads * head_dim.")
+    shapes = shapes_of(state)  # from the file headers: nothing is read
     representation = None
     if use_pooler:
         if "pooler.dense.weight" not in state:
@@ -161,7 +165,7 @@ def config_from_hf(hf_config, state, variant=None, use_pooler=False, **overrides
         if c.get("pooler_act", "tanh") != "tanh":
             raise ValueError(f"pooler_act {c['pooler_act']!r}: our pre_logits is a tanh "
                              "dense; use use_pooler=False.")
-        representation = state["pooler.dense.weight"].shape[0]
+        representation = shapes["pooler.dense.weight"][0]
     fields = dict(
         width=width, depth=c["num_hidden_layers"], mlp_dim=c["intermediate_size"],
         num_heads=heads, patch_size=c["patch_size"], image_size=c["image_size"],
@@ -169,7 +173,7 @@ def config_from_hf(hf_config, state, variant=None, use_pooler=False, **overrides
         posemb="learn", posemb_covers_class_token=True, qkv_bias=c.get("qkv_bias", True),
         layer_norm_epsilon=c.get("layer_norm_eps", 1e-12), gelu=_ACTIVATIONS[act],
         norm_position="before_pool", representation_size=representation,
-        num_classes=(state["classifier.weight"].shape[0]
+        num_classes=(shapes["classifier.weight"][0]
                      if "classifier.weight" in state else 0))
     if variant is not None:
         fields.update(variant_fields(variant))

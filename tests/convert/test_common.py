@@ -36,11 +36,12 @@ def test_build_model_keeps_drops_or_replaces_the_head():
         weights = zero_weights(config)
         return {p: w for p, w in weights.items() if not (drop_head and p.startswith("head/"))}
 
-    kept = common.build_model(CONFIG, None, weights_for, source_name="test")
+    kept = common.build_model(kvs.ViT, CONFIG, None, weights_for, source_name="test")
     assert kept.config.num_classes == 3
-    features = common.build_model(CONFIG, 0, weights_for, source_name="test")
+    features = common.build_model(kvs.ViT, CONFIG, 0, weights_for, source_name="test")
     assert not [v for v in features.weights if v.path.startswith("head/")]
-    assert common.build_model(CONFIG, 7, weights_for, source_name="test").config.num_classes == 7
+    fresh = common.build_model(kvs.ViT, CONFIG, 7, weights_for, source_name="test")
+    assert fresh.config.num_classes == 7
 
 
 def test_variant_fields_fix_the_shape_only():
@@ -55,3 +56,78 @@ def test_infer_grid_reads_a_class_token_position():
     assert common.infer_grid(196, True, (16, 16)) == ((224, 224), False)
     with pytest.raises(ValueError, match="pass image_size="):
         common.infer_grid(31, False, (8, 16))
+
+
+def test_the_loader_side_of_convert_never_reaches_the_model():
+    # The pretrained-weights loader, which model.py imports, uses these three;
+    # an import of model.py anywhere below them (even inside a function)
+    # would be a cycle. Transitive, so a new helper module cannot hide one.
+    from test_import_graph import import_graph
+
+    graph = import_graph()
+    roots = ["keras_vitscale.convert.timm_layout", "keras_vitscale.convert.common",
+             "keras_vitscale.convert.files"]
+    reached, todo = set(), list(roots)
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo.extend(graph[module])
+    assert set(roots) <= reached
+    assert not reached & {"keras_vitscale.model", "keras_vitscale.hub",
+                          "keras_vitscale.convert.timm"}, sorted(reached)
+
+
+class CountingSource(common.collections.abc.Mapping):
+    """A mapping's values as fresh float64 copies, one per lookup, counting
+    how many earlier ones are still alive at each lookup.
+
+    float64, so that whoever takes one converts it: JAX on CPU may keep a
+    float32 numpy array as a variable's own buffer, which is the model's
+    memory, not an array held over.
+    """
+
+    def __init__(self, inner):
+        self.inner, self.alive, self.most_alive, self.lookups = inner, [], 0, 0
+        self.shapes = common.shapes_of(inner)
+
+    def __getitem__(self, key):
+        import weakref
+
+        self.alive = [ref for ref in self.alive if ref() is not None]
+        self.most_alive = max(self.most_alive, len(self.alive))
+        array = np.array(self.inner[key], dtype="float64")
+        self.lookups += 1
+        self.alive.append(weakref.ref(array))
+        return array
+
+    def __iter__(self):
+        return iter(self.inner)
+
+    def __len__(self):
+        return len(self.inner)
+
+
+def test_conversion_holds_one_tensor_at_a_time(rng):
+    # Source keys are our paths; kernels stored transposed, as torch does.
+    shapes = CONFIG.parameter_shapes()
+    arrays = {p: rng.standard_normal(s[::-1] if p.endswith("/kernel") else s)
+              for p, s in shapes.items()}
+    source = CountingSource(arrays)
+    recipe = lambda path, shape: common.Source(  # noqa: E731
+        (path,), (shape[::-1] if path.endswith("/kernel") else shape,),
+        (lambda w: w.T) if path.endswith("/kernel") else (lambda w: w))
+    weights = common.gather_weights(CONFIG, source, recipe, source_name="test")
+    assert isinstance(weights, common.ConvertedWeights) and source.lookups == 0
+    assert weights.nbytes == 4 * CONFIG.count_params()
+    converted = CountingSource(weights)  # what assign_weights is handed, counted
+    model = kvs.ViT(config=CONFIG)
+    common.assign_weights(model, converted, verbose=True)
+    # Each source tensor read once, and neither it nor its converted array
+    # outlives its own assignment.
+    assert source.lookups == converted.lookups == len(shapes)
+    assert source.most_alive == converted.most_alive == 0
+    for variable in model.weights:
+        want = arrays[variable.path].astype("float32")
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable),
+                                      want.T if variable.path.endswith("/kernel") else want)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hub"))
 from timm.models.vision_transformer import _load_weights  # noqa: E402
 
 import keras_vitscale as kvs  # noqa: E402
-from keras_vitscale.convert import timm as timm_convert  # noqa: E402
+from keras_vitscale.convert import timm_layout  # noqa: E402
 from test_big_vision import bv_params, save, theirs, timm_model  # noqa: E402
 from test_hub import server  # noqa: E402, F401  (pytest fixture: HF_ENDPOINT -> HubServer)
 from test_timm import CUSTOM, run, small_timm  # noqa: E402
@@ -81,7 +81,7 @@ def test_timm_state_dict_to_checked_preset(tmp_path, capsys):
     model = kvs.ViT.from_preset(str(tmp_path / "preset"))
     assert model.config.pooling == "map" and model.config.num_heads == 4
     # The preset holds the timm weights (the tool checked the logits above).
-    expected = timm_convert.convert_state_dict(source.state_dict(), model.config)
+    expected = timm_layout.convert_state_dict(source.state_dict(), model.config)
     for variable in model.weights:
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable),
                                       expected[variable.path], err_msg=variable.path)

@@ -19,7 +19,7 @@ timm = pytest.importorskip("timm")
 
 import keras_vitscale as kvs  # noqa: E402
 from keras_vitscale import convert  # noqa: E402
-from keras_vitscale.convert import timm as timm_convert  # noqa: E402
+from keras_vitscale.convert import timm_layout  # noqa: E402
 from keras_vitscale.convert import timm_module, verify  # noqa: E402
 TOL = 1e-4  # float32, max |logit difference|
 
@@ -110,7 +110,7 @@ def test_standard_models_match_timm(fixture, params, request):
 def test_state_dict_settings_equal_module_settings(fixture, request):
     # num_heads comes from the VARIANTS table (Ti: 3, S: 6) for a bare state dict.
     source, model = request.getfixturevalue(fixture)
-    assert timm_convert.config_from_state_dict(source.state_dict()) == model.config
+    assert timm_layout.config_from_state_dict(source.state_dict()) == model.config
 
 
 # ---- small custom models: one feature each -------------------------------------
@@ -169,7 +169,7 @@ def test_state_dict_settings_match_module_settings(name, custom_timm, custom_con
                  image_size=(48, 80), gelu="tanh", layer_norm_epsilon=1e-5, num_heads=4),
              "no_posemb_no_pool": dict(image_size=64, pooling="none", num_heads=4),
              "map": dict(num_heads=4), "avg_fc_norm_no_embed_class": dict(num_heads=4)}
-    config = timm_convert.config_from_state_dict(custom_timm[name].state_dict(),
+    config = timm_layout.config_from_state_dict(custom_timm[name].state_dict(),
                                                  **given.get(name, {}))
     assert config == custom_converted[name].config
 
@@ -185,16 +185,26 @@ def test_state_dict_path_matches_timm(custom_timm):
 
 # ---- errors ---------------------------------------------------------------------
 def test_unsupported_options_are_named():
-    with pytest.raises(ValueError, match=r"LayerScale"):
-        convert.from_timm(small_timm(init_values=1e-5))
-    with pytest.raises(ValueError, match=r"LayerScale"):
-        convert.from_timm(small_timm(init_values=1e-5).state_dict(), num_heads=4)
-    with pytest.raises(ValueError, match=r"register tokens \(reg_tokens=4\)"):
-        convert.from_timm(small_timm(reg_tokens=4, class_token=False, global_pool="avg"))
-    with pytest.raises(ValueError, match=r"class_token=True with global_pool='map'"):
+    # Each refusal names the feature, from the module and from its state dict.
+    distilled = timm.create_model("deit_tiny_distilled_patch16_224", device="meta")
+    with pytest.raises(ValueError, match=r"distillation token"):
+        convert.from_timm(distilled)
+    with pytest.raises(ValueError, match=r"distillation token"):
+        timm_layout.config_from_state_dict(distilled.state_dict(), num_heads=3)
+    with pytest.raises(ValueError, match=r"global_pool='map' with a class or register token"):
         convert.from_timm(small_timm(global_pool="map"))
-    with pytest.raises(ValueError, match=r"pre_norm=True"):
-        convert.from_timm(small_timm(pre_norm=True))
+    with pytest.raises(ValueError, match=r"global_pool='map' with a class or register token"):
+        convert.from_timm(small_timm(global_pool="map", class_token=False,
+                                     reg_tokens=2).state_dict(), num_heads=4)
+    with pytest.raises(ValueError, match=r"unpacked SwiGLU"):
+        convert.from_timm(small_timm(mlp_layer=timm.layers.SwiGLU))
+    with pytest.raises(ValueError, match=r"unpacked SwiGLU"):
+        convert.from_timm(small_timm(mlp_layer=timm.layers.SwiGLU).state_dict(), num_heads=4)
+    with pytest.raises(ValueError, match=r"a norm in the patch embedding"):
+        convert.from_timm(small_timm(embed_norm_layer=torch.nn.LayerNorm).state_dict(),
+                          num_heads=4)
+    with pytest.raises(ValueError, match=r"QuickGELU"):
+        convert.from_timm(small_timm(act_layer="quick_gelu"))
     with pytest.raises(TypeError, match=r"timm.models.VisionTransformer; got .*Linear"):
         convert.from_timm(torch.nn.Linear(2, 2))
 
@@ -257,7 +267,7 @@ def test_parallel_scaling_block_models_match_timm(name, parallel_models):
     # A bare state dict gives the same settings, and to_timm rebuilds timm's
     # layout from them: the state dict loads strictly.
     state = source.state_dict()
-    assert timm_convert.config_from_state_dict(state, num_heads=4) == c
+    assert timm_layout.config_from_state_dict(state, num_heads=4) == c
     fused = kwargs.get("fuse_out_proj", True)
     timm_module.to_timm(c, fuse_out_proj=fused).load_state_dict(state, strict=True)
     if not fused:  # verify() picks that layout itself (one forward pass is enough)
@@ -279,22 +289,10 @@ def test_parallel_in_proj_order_matters(parallel_models):
 
 
 def test_parallel_unsupported_options_are_named(parallel_models):
-    with pytest.raises(ValueError, match=r"LayerScale \(init_values=\.\.\., blocks.0.ls\)"):
+    with pytest.raises(ValueError, match=r"LayerScale in a ParallelScalingBlock \(blocks.0.ls"):
         convert.from_timm(parallel_timm(init_values=1e-5))
-    with pytest.raises(ValueError, match=r"LayerScale"):
+    with pytest.raises(ValueError, match=r"LayerScale in a ParallelScalingBlock"):
         convert.from_timm(parallel_timm(init_values=1e-5).state_dict(), num_heads=4)
     # A leftover tensor is refused: a qkv bias the overrides say is absent.
     with pytest.raises(ValueError, match=r"no variable for: \['blocks.0.in_proj.bias'"):
         convert.from_timm(parallel_models["qkv_bias"].state_dict(), num_heads=4, qkv_bias=False)
-
-
-@pytest.mark.parametrize("name", ["vit_giant_patch14_clip_224", "vit_gigantic_patch14_clip_224"])
-def test_openclip_towers_are_refused_naming_pre_norm(name):
-    # pre_norm puts a LayerNorm between the embedding and the first block,
-    # which ViTConfig cannot express. Built on the meta device (no memory):
-    # the settings are refused before any weight is read.
-    source = timm.create_model(name, pretrained=False, device="meta")
-    with pytest.raises(ValueError, match=r"pre_norm=True \(norm_pre: .*vit_giant_patch14_clip"):
-        convert.from_timm(source)
-    with pytest.raises(ValueError, match=r"timm pre_norm=True, norm_pre"):
-        convert.from_timm(source.state_dict())

@@ -66,6 +66,23 @@ def test_activations_per_block_and_remat():
     assert est.flops_per_step == pytest.approx(3 * 8 * cfg.flops_per_image())
 
 
+def test_activations_of_the_checkpoint_options():
+    # DINOv2's block: SwiGLU saves [a | b], silu(a) and the product (4 n m),
+    # LayerScale its two branch outputs (2 n d); registers are tokens.
+    cfg = ViTConfig.from_variant("B/16", num_register_tokens=4, layer_scale=1e-5,
+                                 mlp_type="swiglu")
+    n, d, m, h = cfg.num_tokens, cfg.width, cfg.mlp_dim, cfg.num_heads
+    assert n == 197 + 4
+    est = memory_estimate.estimate(cfg, batch_size=8)
+    assert est.activations_per_block == 4 * (10 * n * d + 4 * n * m) + 4 * h * n * n
+    assert est.num_params == cfg.count_params()
+    # The pre-encoder LayerNorm keeps its input once, outside the blocks.
+    plain = ViTConfig.from_variant("B/16")
+    pre = memory_estimate.estimate(plain.replace(pre_norm=True), batch_size=8)
+    base = memory_estimate.estimate(plain, batch_size=8)
+    assert pre.activations - base.activations == 8 * 4 * 197 * 768
+
+
 def test_mesh_divides_state_and_batch():
     base = memory_estimate.estimate("L/16", batch_size=64)
     fsdp = memory_estimate.estimate("L/16", batch_size=64, mesh={"data": 2, "fsdp": 4})
