@@ -5,7 +5,8 @@ Figures, not assertions. Prints a report per mode and writes it between the
 (a run rewrites only the modes it measured; other sections of that file
 belong to other benchmarks and are left untouched).
 
-What is timed, per model (ViT-S/16, ViT-B/16; 224 px, float32, 1000 classes)
+What is timed, per model (ViT-S/16, ViT-B/16, and with `--models So400m/14`
+SigLIP's shape-optimised MAP tower; 224 px, float32, 1000 classes)
 and batch size:
 - inference (`--modes infer`): one forward pass (Keras `predict_on_batch`;
   timm under `torch.inference_mode()`);
@@ -86,7 +87,19 @@ TAG = "@@throughput "  # prefix of the workers' protocol lines on stdout
 IMAGE_SIZE, NUM_CLASSES, THREADS = 224, 1000, 2
 LEARNING_RATE, WEIGHT_DECAY = 1e-4, 0.05
 TIMM_NAMES = {"Ti/16": "vit_tiny_patch16_224", "S/16": "vit_small_patch16_224",
-              "B/16": "vit_base_patch16_224", "L/16": "vit_large_patch16_224"}
+              "B/16": "vit_base_patch16_224", "L/16": "vit_large_patch16_224",
+              "So400m/14": "vit_so400m_patch14_siglip_224"}
+# kvs fields that make each variant compute what its timm model does: class-token
+# ViTs (position embedding covering the class token), or SigLIP's MAP tower.
+CLASS_TOKEN = dict(pooling="tok", posemb="learn", posemb_covers_class_token=True, gelu="exact")
+KVS_FIELDS = {"So400m/14": dict(pooling="map", posemb="learn", gelu="exact")}
+
+
+def kvs_config(variant):
+    from keras_vitscale.config import ViTConfig
+
+    return ViTConfig.from_variant(variant, num_classes=NUM_CLASSES, image_size=IMAGE_SIZE,
+                                  **KVS_FIELDS.get(variant, CLASS_TOKEN))
 
 
 # ---------------------------------------------------------------- workers --
@@ -96,9 +109,7 @@ TIMM_NAMES = {"Ti/16": "vit_tiny_patch16_224", "S/16": "vit_small_patch16_224",
 def _kvs_model(variant, **_):
     import keras_vitscale as kvs
 
-    return kvs.ViT(variant=variant, num_classes=NUM_CLASSES, image_size=IMAGE_SIZE,
-                   pooling="tok", posemb="learn", posemb_covers_class_token=True,
-                   gelu="exact")
+    return kvs.ViT(config=kvs_config(variant))
 
 
 def _keras_hub_model(variant, **_):
@@ -107,6 +118,8 @@ def _keras_hub_model(variant, **_):
 
     from keras_vitscale.config import ViTConfig
 
+    if variant in KVS_FIELDS:
+        raise ValueError(f"keras-hub's ViTBackbone has no MAP head for {variant}")
     c = ViTConfig.from_variant(variant)
     backbone = keras_hub.models.ViTBackbone(
         image_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), patch_size=c.patch_size[0],
@@ -338,8 +351,6 @@ def label(contender, kind):
 
 
 def run(args):
-    from keras_vitscale.config import ViTConfig
-
     load_start = os.getloadavg()
     kinds = list(args.backends) + ["timm"]
     log = open(args.log, "w")
@@ -349,8 +360,7 @@ def run(args):
                    if str(v.get("keras_hub", "")).startswith("not available")}
     rows, peaks, wall_start = [], [], time.perf_counter()
     for variant in args.models:
-        flops = ViTConfig.from_variant(variant).replace(
-            num_classes=NUM_CLASSES, image_size=IMAGE_SIZE).flops_per_image()
+        flops = kvs_config(variant).flops_per_image()
         for batch in args.batch_sizes:
             for mode in args.modes:
                 repeats = args.repeats or (5 if variant == "S/16" else 3)
@@ -500,8 +510,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See the module docstring for what is timed.")
-    p.add_argument("--models", nargs="+", default=["S/16", "B/16"],
-                   help="ViT variants (default: S/16 B/16).")
+    p.add_argument("--models", nargs="+", default=["S/16", "B/16"], choices=sorted(TIMM_NAMES),
+                   help="ViT variants (default: S/16 B/16; So400m/14 is SigLIP's MAP tower).")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[8],
                    help="batch sizes (default: 8; larger batches take proportionally longer).")
     p.add_argument("--backends", nargs="+", default=["jax", "tensorflow", "torch"],

@@ -171,6 +171,10 @@ def resolve_directory(handle, token=None):
     return local_directory(handle)
 
 
+# huggingface_hub's HTTP stack, whose transport errors mean a broken connection.
+_HTTP_CLIENTS = ("httpx", "httpx2", "httpcore", "httpcore2", "h11", "requests", "urllib3")
+
+
 class download_errors:
     """Turns huggingface_hub's download errors into ones that name the repo and the fix.
 
@@ -230,6 +234,11 @@ class download_errors:
         if isinstance(err, HfHubHTTPError):
             raise OSError(f"Downloading {self.filename} of {self.handle!r} from the Hugging "
                           f"Face Hub failed: {err}") from err
+        if type(err).__module__.split(".")[0] in _HTTP_CLIENTS:
+            # The connection failed mid-transfer, after huggingface_hub's own retries.
+            raise OSError(f"The download of {self.filename} from {repo} broke off "
+                          f"({type(err).__name__}: {err}). Nothing was converted or cached; "
+                          "load again to resume the download.") from err
         if isinstance(err, OSError) and "onsistency check failed" in str(err):
             # huggingface_hub's size check: the connection dropped mid-file.
             raise OSError(f"The download of {self.filename} from {repo} was cut short "

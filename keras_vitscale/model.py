@@ -3,9 +3,9 @@
 import keras
 from keras import ops
 
-from keras_vitscale import hub
+from keras_vitscale import intermediates
 from keras_vitscale import layers as L
-from keras_vitscale import presets
+from keras_vitscale import presets, pretrained
 from keras_vitscale.config import ViTConfig
 
 # Keyword arguments that belong to keras.Model rather than to the config.
@@ -194,6 +194,53 @@ class ViT(keras.Model):
             raise ValueError(
                 f"ViT was built for images of shape {expected}; got {got}.{hint}")
 
+    def forward_intermediates(self, images, indices=None, norm=False, output_fmt="NHWC",
+                              stop_early=False, intermediates_only=False,
+                              return_prefix_tokens=False, pre_logits=False):
+        """Chosen blocks' token features, and the final output (timm's semantics).
+
+        Features come in block order as (B, gh, gw, D) grids ("NHWC", timm's
+        NCHW transposed) or (B, L, D) ("NLC"), without the class and register
+        tokens. The sub-model behind this call shares the model's weights;
+        `keras_vitscale.intermediates.intermediates_model` returns it for
+        `predict` or for use inside another model.
+
+        Args:
+            images: (B, H, W, C) images at the model's resolution.
+            indices: None (every block), an int n (the last n blocks) or a
+                list of block indices (negative ones count from the end).
+            norm: pass each feature through the final LayerNorm. timm's
+                `fc_norm` models (`norm_position="after_pool"`) have no token
+                norm, so it leaves theirs as they are; a "vanilla" model has
+                no LayerNorm and refuses it.
+            output_fmt: "NHWC" or "NLC".
+            stop_early: run no block after the last taken one (with the final
+                output requested, the head then reads that block's tokens).
+            intermediates_only: return only the list of features.
+            return_prefix_tokens: each feature becomes (patches, prefix tokens
+                (B, P, D)) on a model with a class or register tokens.
+            pre_logits: the final output is the features the head reads
+                (timm's `forward_head(..., pre_logits=True)`) instead of the
+                model's output (logits, a CLIP tower's projection, or pooled
+                features without a head).
+
+        Returns:
+            `(final, [feature, ...])`, or `[feature, ...]` with
+            `intermediates_only=True`.
+
+        Example:
+        ```python
+        model = kvs.ViT(variant="Ti/16", num_classes=10, image_size=64)
+        logits, grids = model.forward_intermediates(images, indices=[-4, -1])
+        # logits (2, 10); grids: two (2, 4, 4, 192) arrays
+        ```
+        """
+        self._check_images(images)
+        return intermediates.forward_intermediates(
+            self, images, indices=indices, norm=norm, output_fmt=output_fmt,
+            stop_early=stop_early, intermediates_only=intermediates_only,
+            return_prefix_tokens=return_prefix_tokens, pre_logits=pre_logits)
+
     def get_config(self):
         return {"config": self.config.to_dict(), "name": self.name,
                 "dtype": keras.dtype_policies.serialize(self.dtype_policy),
@@ -212,23 +259,31 @@ class ViT(keras.Model):
     @classmethod
     def from_preset(cls, handle, num_classes=None, image_size=None, load_weights=True,
                     dtype=None, resample="linear", **overrides):
-        """Builds a ViT from a built-in preset name, a directory or "hf://org/repo".
+        """Builds a ViT from a built-in preset, a directory or a Hugging Face repo.
+
+        A built-in preset with published weights loads its checkpoint: the
+        first call downloads it (timm's layout on the Hub), converts it and
+        caches the result (`KVS_CACHE`); later calls read the cache.
 
         Args:
-            handle: a name in `ViT.presets` (e.g. "vit_g14"), a local preset
-                directory, or "hf://org/repo[@revision]".
+            handle: "PRESET", "PRESET.TAG" or either with "@REVISION" (see
+                `ViT.presets`; a bare name is the default tag), a local
+                preset directory, or "hf://org/repo[@revision]" (a
+                keras_vitscale preset or a timm checkpoint).
             num_classes: a new head size; a different one from the preset's
                 gets a fresh (zero) head.
             image_size: a new resolution; the position embedding is
                 resampled ("linear" as big_vision or "bicubic" as timm).
-            load_weights: False builds with fresh weights.
+            load_weights: False builds the same architecture with fresh weights
+                (presets without published weights always do, and say so).
             dtype: dtype or policy, e.g. "mixed_bfloat16".
             resample: "linear" or "bicubic" position-embedding resampling.
             **overrides: other `ViTConfig` fields (dropout_rate, remat, ...).
         """
         return presets.load(cls, handle, num_classes=num_classes, image_size=image_size,
                             load_weights=load_weights, dtype=dtype, resample=resample,
-                            resolve=hub.resolve_directory, **overrides)
+                            resolve=lambda h: pretrained.resolve_directory(h, model_class=cls),
+                            **overrides)
 
     def save_to_preset(self, directory, max_shard_size_gb=None, metadata=None):
         """Writes config.json, model.weights.h5 (sharded when large), metadata.json.

@@ -43,7 +43,7 @@ def _stored_posemb_length(path):
 
 def _infer_grid(config, length):
     """The patch grid that a stored position embedding of `length` covers."""
-    patches = length - int(config.posemb_covers_class_token)
+    patches = length - (config.posemb_length - config.num_patches)  # the prefix positions
     rows, cols = config.grid_size
     side = int(round(patches ** 0.5))
     if side * side == patches:

@@ -21,8 +21,7 @@ from typing import Optional
 import keras
 
 from keras_vitscale import data
-from keras_vitscale import hub
-from keras_vitscale import presets
+from keras_vitscale import presets, pretrained
 from keras_vitscale.evaluation.on_source import fewshot_on_source
 from keras_vitscale.model import ViT
 from keras_vitscale.training import devices
@@ -112,8 +111,11 @@ def _check_workdir(workdir, config):
 def _build_model(config, vit_config):
     model = ViT(config=vit_config, dtype=config["dtype_policy"])
     preset = config.get("preset")
-    if preset and preset not in presets.REGISTRY:  # a preset dir: start from its weights
-        directory = hub.resolve_directory(preset)
+    parsed = presets.parse_handle(preset) if preset else None
+    # A bare built-in name is an architecture to train from scratch; a tag
+    # (vit_b16.augreg_in21k), a directory or a Hub repo starts from its weights.
+    if preset and (parsed is None or parsed.tag or parsed.revision):
+        directory = pretrained.resolve_directory(preset, model_class=ViT)
         presets.load_weights_into(model, presets.weights_path(directory),
                                   source_config=presets.read_directory_config(directory))
     return model
