@@ -1,14 +1,10 @@
 """ImageNet class names (against timm's ImageNetInfo) and decode_predictions."""
 
-import sys
-import types
-
 import keras
 import numpy as np
 import pytest
 from timm.data import ImageNetInfo
 
-import keras_vitscale
 from keras_vitscale import labels
 from keras_vitscale.presets import registry
 
@@ -106,38 +102,7 @@ def test_any_backends_tensor(other, rng):
     assert labels.decode_predictions(tensor, "imagenet-1k") == expected
 
 
-def fake_labels_for(handle):
-    table = {"vit_b16.augreg_in21k": {"label_set": "imagenet-21k", "activation": "sigmoid"},
-             "vit_b16.augreg2_in21k_ft_in1k": {"label_set": "imagenet-1k",
-                                               "activation": "softmax"},
-             "vit_h14.orig_in21k": {"label_set": None, "activation": "softmax"}}
-    if handle not in table:
-        raise ValueError(f"Unknown preset {handle!r}")
-    return table[handle]
-
-
-@pytest.fixture
-def handles(monkeypatch):
-    # pretrained.labels_for's contract, stood in for: these tests are about
-    # decoding, whatever the handle's facts are read from.
-    stand_in = types.ModuleType("keras_vitscale.pretrained")
-    stand_in.labels_for = fake_labels_for
-    monkeypatch.setitem(sys.modules, "keras_vitscale.pretrained", stand_in)
-    monkeypatch.setattr(keras_vitscale, "pretrained", stand_in, raising=False)
-
-
-def test_a_handle_gives_the_label_set_and_activation(handles):
-    logits = np.zeros((1, 21843))
-    logits[0, 10] = 3.0
-    (row,) = labels.decode_predictions(logits, "vit_b16.augreg_in21k", top=2)
-    assert row[0][:2] == labels.imagenet_labels("imagenet-21k")[10]
-    np.testing.assert_allclose([row[0][2], row[1][2]], [1 / (1 + np.exp(-3.0)), 0.5])
-    (row,) = labels.decode_predictions(np.eye(1000)[:1], "vit_b16.augreg2_in21k_ft_in1k",
-                                       top=1)
-    np.testing.assert_allclose(row[0][2], numpy_softmax(np.eye(1000)[0])[0])
-
-
-def test_errors_name_the_value_and_the_fix(handles):
+def test_errors_name_the_value_and_the_fix():
     with pytest.raises(ValueError, match=r"1000 classes.*'imagenet-21k' has 21843"):
         labels.decode_predictions(np.zeros((2, 1000)), "imagenet-21k")
     with pytest.raises(ValueError, match=r"top=0.*>= 1"):
@@ -162,3 +127,14 @@ def test_every_builtin_tag_names_a_known_label_set_of_its_head_size():
                 continue
             assert labels.LABEL_SETS[entry["labels"]] == entry["num_classes"], where
             assert entry["activation"] in labels.ACTIVATIONS, where
+
+
+def test_real_handles_give_their_label_set_and_activation():
+    logits = np.zeros((1, 21843))
+    logits[0, 3] = 2.0
+    (row,) = labels.decode_predictions(logits, "vit_b16.augreg_in21k", top=2)  # sigmoid head
+    assert row[0] == (*labels.imagenet_labels("imagenet-21k")[3], 1 / (1 + np.exp(-2.0)))
+    (row,) = labels.decode_predictions(np.zeros(1000), "vit_b16", top=1)       # softmax head
+    assert row[0][2] == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match=r"'vit_h14.orig_in21k' has no class labels"):
+        labels.decode_predictions(np.zeros((1, 1000)), "vit_h14.orig_in21k")

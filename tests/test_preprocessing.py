@@ -232,3 +232,20 @@ def test_every_builtin_tags_preprocessing_is_supported_and_is_timms():
             timm_cfg = timm.models.get_pretrained_cfg(entry["source"].removeprefix("timm/"))
             from_timm = ImagePreprocessor.from_config_dict(timm_cfg.to_dict(), name=prep.name)
             assert from_timm.get_config() == prep.get_config(), entry["source"]
+
+
+# from_preset on built-in handles: their recorded facts, nothing downloads.
+@pytest.mark.parametrize("handle, source", [
+    ("vit_b16", "vit_base_patch16_224.augreg2_in21k_ft_in1k"),
+    ("vit_so400m14_siglip_378.webli_ft_in1k", "vit_so400m_patch14_siglip_378.webli_ft_in1k"),
+    ("vit_g14_dinov2_reg4.lvd142m", "vit_giant_patch14_reg4_dinov2.lvd142m"),
+])
+def test_from_preset_matches_timm_on_the_source_checkpoints_config(photos, handle, source):
+    config = timm.models.get_pretrained_cfg(source).to_dict()
+    ours = numpy_out(ImagePreprocessor.from_preset(handle)(photos[0]))
+    assert_close_to_timm(ours, timm_eval(photos[0], config))
+
+
+def test_from_preset_without_recorded_preprocessing_says_what_to_do():
+    with pytest.raises(ValueError, match=r"'vit_e14'.*ImagePreprocessor\(image_size="):
+        ImagePreprocessor.from_preset("vit_e14")
