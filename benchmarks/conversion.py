@@ -69,13 +69,18 @@ def write_random_safetensors(timm_name, num_classes, path, seed=0):
     return offset
 
 
+# Peak RSS from /proc (VmHWM): unlike ru_maxrss it starts afresh at exec, so
+# the parent's own memory does not leak into the child's figure.
 CONVERT_CHILD = r"""
-import json, os, resource, sys, tempfile, time
+import json, os, sys, tempfile, time
 import keras_vitscale as kvs
 from keras_vitscale.convert.files import open_checkpoint
 from keras_vitscale.pretrained import timm_hub
 from keras_vitscale.presets import builtin_config, weights_entry
-rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
 preset, path, out = sys.argv[1:4]
 entry = weights_entry(preset)
 config = builtin_config(preset, tag=entry["tag"])
@@ -107,6 +112,14 @@ def run_child(code, args, env=None):
     raise RuntimeError(f"child failed:\n{out.stderr[-3000:]}")
 
 
+# glibc malloc as it starts, and with a fixed mmap threshold: glibc raises its
+# threshold each time a large block is freed, after which the freed random
+# initial values and the converted tensors pile up in the heap instead of
+# going back to the system (README "Performance").
+MALLOC_SETTINGS = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=1048576":
+                   {"MALLOC_MMAP_THRESHOLD_": "1048576"}}
+
+
 def conversion(models, repeats, workdir):
     rows = []
     for key in models:
@@ -115,13 +128,15 @@ def conversion(models, repeats, workdir):
         print(f"writing {source} ...", flush=True)
         file_bytes = write_random_safetensors(timm_name, classes, source)
         for r in range(repeats):
-            out = Path(workdir) / f"{key}_preset_{r}"
-            res = run_child(CONVERT_CHILD, [preset, str(source), str(out)])
-            res.update(model=key, preset=preset, file_bytes=file_bytes)
-            rows.append(res)
-            print(f"{key}: {res['seconds']:.1f} s, peak {res['peak'] / 1e9:.2f} GB "
-                  f"({res['peak'] / (4 * res['params']):.2f}x the float32 model)", flush=True)
-            subprocess.run(["rm", "-rf", str(out)])
+            for malloc, env in MALLOC_SETTINGS.items():
+                out = Path(workdir) / f"{key}_preset_{r}"
+                res = run_child(CONVERT_CHILD, [preset, str(source), str(out)], env)
+                res.update(model=key, preset=preset, file_bytes=file_bytes, malloc=malloc)
+                rows.append(res)
+                print(f"{key} ({malloc}): {res['seconds']:.1f} s, peak {res['peak'] / 1e9:.2f} "
+                      f"GB ({res['peak'] / (4 * res['params']):.2f}x the float32 model)",
+                      flush=True)
+                subprocess.run(["rm", "-rf", str(out)])
         source.unlink()
     return rows
 
@@ -155,13 +170,14 @@ def report(rows, times, backend, load):
              f"{backend}; load average {load[0]:.1f} -> {load[1]:.1f}. Random float32 "
              "weights in timm's layout; each figure from a fresh process.", ""]
     if rows:
-        lines += ["| checkpoint | float32 model | file | time | peak RSS | after imports | "
-                  "peak / model |", "|---|---|---|---|---|---|---|"]
+        lines += ["| checkpoint | malloc | float32 model | time | peak RSS | after imports | "
+                  "peak / model | (peak - imports) / model |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             model_bytes = 4 * r["params"]
-            lines.append(f"| {r['preset']} | {model_bytes / 1e9:.2f} GB | {r['file_bytes'] / 1e9:.2f} GB "
+            lines.append(f"| {r['preset']} | {r['malloc']} | {model_bytes / 1e9:.2f} GB "
                          f"| {r['seconds']:.1f} s | {r['peak'] / 1e9:.2f} GB | "
-                         f"{r['after_imports'] / 1e9:.2f} GB | {r['peak'] / model_bytes:.2f}x |")
+                         f"{r['after_imports'] / 1e9:.2f} GB | {r['peak'] / model_bytes:.2f}x | "
+                         f"{(r['peak'] - r['after_imports']) / model_bytes:.2f}x |")
         lines.append("")
     if times:
         cached, fresh = statistics.median(times["cached"]), statistics.median(times["fresh"])

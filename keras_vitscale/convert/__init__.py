@@ -2,11 +2,13 @@
 
 One module per source holds its names and layouts (timm_layout.py for timm's
 state dicts, with timm.py's `from_timm` and timm_module.py for a live timm
-model; big_vision.py; transformers.py); common.py builds the model and copies
-the arrays with named shape checks, files.py reads checkpoint files,
-verify.py compares outputs with the source. timm_layout, common and files
-never import model.py, so the pretrained-weights loader (which model.py
-imports) can use them.
+model; timm_hub_config.py for a timm repo's config.json; open_clip_layout.py
+for OpenCLIP files; big_vision.py; transformers.py); common.py checks the
+shapes and streams the converted arrays into the model, files.py and
+safetensors_reader.py read checkpoint files tensor by tensor, verify.py
+compares outputs with the source. Only timm.py, big_vision.py,
+transformers.py and verify.py import model.py (inside their functions), so
+the pretrained-weights loader, which model.py imports, can use the rest.
 
 Example:
 ```python

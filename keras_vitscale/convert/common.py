@@ -289,10 +289,48 @@ def _one_at_a_time(weights, paths, verbose):
     import keras
 
     bar = keras.utils.Progbar(len(paths), unit_name="tensor") if verbose else None
+    since_trim = 0
     for i, path in enumerate(paths):
-        yield path, weights[path]
+        array = weights[path]
+        since_trim += array.nbytes
+        yield path, array
+        del array
+        if since_trim >= _TRIM_EVERY:
+            since_trim = 0
+            release_freed_memory()
         if bar is not None:
             bar.update(i + 1)
+    release_freed_memory()
+
+
+# Bytes converted between two `release_freed_memory` calls.
+_TRIM_EVERY = 256 << 20
+
+
+def release_freed_memory():
+    """Hands memory freed by the C heap back to the OS (glibc's malloc_trim).
+
+    Each converted tensor is freed once assigned, but glibc keeps freed
+    blocks of the sizes it has seen in its heap (it raises its mmap
+    threshold after the first large free), so without a trim a conversion's
+    resident memory grows by much of the checkpoint's size. A no-op where
+    the C library has no malloc_trim.
+    """
+    import ctypes
+    import ctypes.util
+
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
 
 
 def build_model(cls, config, num_classes, weights_for, *, source_name, name="vit",

@@ -46,8 +46,9 @@ class SafetensorsReader(collections.abc.Mapping):
     Opening parses the headers only (8-byte little-endian length + JSON) and
     checks them against the file sizes, so a truncated or corrupt download
     fails here, before any tensor is read. `.shapes` and `.dtypes` come from
-    the headers. Each lookup reads one tensor with plain file reads (no
-    mmap, whose pages would count in the process's memory); float16 stays
+    the headers. Each lookup reads one tensor with plain file reads into a
+    fresh buffer (the file is never mapped, so its pages do not stay in the
+    process's memory); float16 stays
     float16, bfloat16 becomes float32 by a bit shift; neither torch nor the
     safetensors package is needed.
 
@@ -93,10 +94,12 @@ class SafetensorsReader(collections.abc.Mapping):
             got = f.readinto(memoryview(array).cast("B")) if count else 0
         if got != count * size:
             raise _corrupt_safetensors(path, f"{name!r} ends past the end of the file")
-        array = array.reshape(shape)
         if dtype == "BF16":  # bfloat16 is the upper half of a float32
-            return (array.astype(np.uint32) << 16).view(np.float32)
-        return array
+            widened = np.empty(count, np.uint32)
+            widened[...] = array
+            widened <<= 16
+            array = widened.view(np.float32)
+        return array.reshape(shape)
 
     def __iter__(self):
         return iter(self._entries)
