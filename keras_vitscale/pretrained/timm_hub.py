@@ -37,6 +37,12 @@ from keras_vitscale.pretrained import cache
 
 logger = logging.getLogger("keras_vitscale")
 
+# The label set a head of this many classes has, and how it was trained: the
+# ImageNet-21k heads of Google's checkpoints (AugReg, the original ViT) with a
+# sigmoid, timm's ImageNet-1k and -12k heads with a softmax.
+LABELS_BY_CLASSES = {1000: ("imagenet-1k", "softmax"), 11821: ("imagenet-12k", "softmax"),
+                     21843: ("imagenet-21k", "sigmoid")}
+
 # timm's order of preference for a repo's weights.
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
 
@@ -177,8 +183,7 @@ def info_from_timm(hf_config):
         info["preprocessing"] = {k: cfg[k] for k in keys if k in cfg}
     classes = hf_config.get("num_classes", cfg.get("num_classes"))
     info["num_classes"] = classes
-    label_set = {1000: "imagenet-1k", 21843: "imagenet-21k"}.get(classes)
-    info["labels"], info["activation"] = label_set, "softmax" if label_set else None
+    info["labels"], info["activation"] = LABELS_BY_CLASSES.get(classes, (None, None))
     if cfg.get("license"):
         info["licence"] = cfg["license"]
     return info
