@@ -39,8 +39,8 @@ import re
 import numpy as np
 
 from keras_vitscale.config import ViTConfig
-from keras_vitscale.convert.common import (Source, build_model, gather_weights, infer_grid,
-                                           variant_fields)
+from keras_vitscale.convert.common import Source, build_model, gather_weights
+from keras_vitscale.convert.shape_inference import infer_grid, variant_fields
 from keras_vitscale.convert.files import read_npz
 
 _POSEMB_KEYS = ("pos_embedding", "Transformer/pos_embedding",

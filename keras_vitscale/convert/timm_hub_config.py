@@ -80,6 +80,17 @@ FAMILIES = (
     (r"vit_\w+", dict(layer_scale=1e-5)),
 )
 
+# What loads, in words (for messages, `kvs.ViT.presets` and the README).
+LOADABLE_FAMILIES = (
+    "timm's VisionTransformer ViTs (vit_*: augreg, orig_in21k, MIIL, SAM-trained, and "
+    "the vit_*_reg*_gap_* register/LayerScale models)",
+    "DeiT and DeiT III (deit_*, deit3_*; not the distilled ones)",
+    "OpenCLIP image towers (vit_*_clip_*; not the QuickGELU ones)",
+    "SigLIP and SigLIP 2 towers and classifiers (vit_*_siglip_*)",
+    "DINOv2, with or without registers (vit_*_dinov2), and TIPSv2 (vit_*_tipsv2)",
+    "FlexiViT at its native patch size (flexivit_*) and EVA's MIM ViT-L (eva_large_patch14_*)",
+)
+
 # model_args["act_layer"] -> our gelu; anything else is refused.
 _ACT_LAYERS = {"gelu": "exact", "gelu_tanh": "tanh"}
 _POOLINGS = {"token": "tok", "avg": "gap", "map": "map", "": "none"}
@@ -164,10 +175,8 @@ def config_from_timm_repo(hf_config, shapes):
 
 def _refusal(arch, feature):
     return (f"timm architecture {arch!r} needs {feature}, which ViTConfig cannot "
-            "express; it cannot be loaded. The timm families that load are timm's "
-            "VisionTransformer ViTs: augreg/orig_in21k (vit_*), DeiT and DeiT III, "
-            "OpenCLIP towers (*_clip_*), SigLIP (*_siglip_*), DINOv2 (*_dinov2) and "
-            "the register/LayerScale vit_*_reg*_gap_* models.")
+            "express; it cannot be loaded. The timm families that load: "
+            + "; ".join(LOADABLE_FAMILIES) + ".")
 
 
 def _check_image_size(arch, size, shapes):

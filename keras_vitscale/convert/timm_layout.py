@@ -36,7 +36,8 @@ import re
 import numpy as np
 
 from keras_vitscale.config import VARIANTS, ViTConfig
-from keras_vitscale.convert.common import Source, gather_weights, infer_grid, shapes_of
+from keras_vitscale.convert.common import Source, gather_weights, shapes_of
+from keras_vitscale.convert.shape_inference import infer_grid
 
 logger = logging.getLogger("keras_vitscale")
 

@@ -41,7 +41,8 @@ import numpy as np
 
 from keras_vitscale.config import ViTConfig
 from keras_vitscale.convert.common import (RenamedSource, Source, build_model, gather_weights,
-                                           shapes_of, variant_fields)
+                                           shapes_of)
+from keras_vitscale.convert.shape_inference import variant_fields
 from keras_vitscale.convert.files import read_transformers_directory
 
 # transformers 5's in-memory names -> the names its files use (and v4's).

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import keras_vitscale as kvs
-from keras_vitscale.convert import common
+from keras_vitscale.convert import common, shape_inference
 
 CONFIG = kvs.ViTConfig(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8,
                        image_size=16, num_classes=3)
@@ -45,17 +45,20 @@ def test_build_model_keeps_drops_or_replaces_the_head():
 
 
 def test_variant_fields_fix_the_shape_only():
-    fields = common.variant_fields("B/16")
+    fields = shape_inference.variant_fields("B/16")
     assert fields == {"width": 768, "depth": 12, "mlp_dim": 3072, "num_heads": 12,
                       "patch_size": (16, 16), "variant": "B/16"}
-    assert "patch_size" not in common.variant_fields("B")
+    assert "patch_size" not in shape_inference.variant_fields("B")
 
 
 def test_infer_grid_reads_a_class_token_position():
-    assert common.infer_grid(197, True, (16, 16)) == ((224, 224), True)
-    assert common.infer_grid(196, True, (16, 16)) == ((224, 224), False)
+    assert shape_inference.infer_grid(197, True, (16, 16)) == ((224, 224), True)
+    assert shape_inference.infer_grid(196, True, (16, 16)) == ((224, 224), False)
     with pytest.raises(ValueError, match="pass image_size="):
-        common.infer_grid(31, False, (8, 16))
+        shape_inference.infer_grid(31, False, (8, 16))
+    # DINOv2 with 4 registers: the class token and registers own no position.
+    assert shape_inference.infer_grid(1369, 5, (14, 14)) == ((518, 518), False)
+    assert shape_inference.infer_grid(201, 5, (16, 16)) == ((224, 224), True)
 
 
 def test_the_loader_side_of_convert_never_reaches_the_model():
@@ -65,10 +68,9 @@ def test_the_loader_side_of_convert_never_reaches_the_model():
     from test_import_graph import import_graph
 
     graph = import_graph()
-    roots = ["keras_vitscale.convert.timm_layout", "keras_vitscale.convert.common",
-             "keras_vitscale.convert.files", "keras_vitscale.convert.timm_hub_config",
-             "keras_vitscale.convert.open_clip_layout",
-             "keras_vitscale.convert.safetensors_reader"]
+    roots = [f"keras_vitscale.convert.{m}" for m in (
+        "timm_layout", "timm_hub_config", "common", "files", "safetensors_reader",
+        "open_clip_layout", "shape_inference")]
     reached, todo = set(), list(roots)
     while todo:
         module = todo.pop()

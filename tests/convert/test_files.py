@@ -12,6 +12,7 @@ import pytest
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
+from keras_vitscale.config import ViTConfig  # noqa: E402
 from keras_vitscale.convert import common, files  # noqa: E402
 
 
@@ -69,8 +70,8 @@ def test_shapes_never_read_data(tmp_path, arrays, monkeypatch):
 
     monkeypatch.setattr(files.SafetensorsReader, "__getitem__", no_read)
     assert common.shapes_of(reader) == {"w": (4, 3)}
-    config = common.ViTConfig(width=8, depth=1, mlp_dim=8, num_heads=1, patch_size=2,
-                              image_size=2, num_classes=0, posemb="none", pooling="gap")
+    config = ViTConfig(width=8, depth=1, mlp_dim=8, num_heads=1, patch_size=2,
+                       image_size=2, num_classes=0, posemb="none", pooling="gap")
     # Every variable asks for "w" in the shape it needs; the (4, 3) in the
     # file fits none, which is found from the header alone.
     recipe = lambda path, shape: common.Source(("w",), (shape,), lambda w: w)  # noqa: E731
