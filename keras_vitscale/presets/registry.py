@@ -194,9 +194,14 @@ def describe(registry):
                          str(entry["num_classes"] or "features"), str(pre["input_size"][1]),
                          f"{pre['crop_pct']:g} {pre['crop_mode']}", pre["interpolation"],
                          f"{_short(pre['mean'])} / {_short(pre['std'])}"))
+    from keras_vitscale.convert.timm_hub_config import LOADABLE_FAMILIES
+
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
-                     for row in rows)
+    table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                      for row in rows)
+    return (f"{table}\n\nAny timm checkpoint on the Hub of these families also loads, by "
+            "kvs.ViT.from_preset('hf://timm/<name>.<tag>'):\n"
+            + "\n".join(f"- {family}" for family in LOADABLE_FAMILIES))
 
 
 def _short(values):

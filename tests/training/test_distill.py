@@ -169,7 +169,11 @@ def test_bad_teachers_fail_before_training(teacher_workdir, tmp_path, capsys):
     assert "predicts 10 classes but the data (synthetic) has 5" in err
     assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
     with pytest.raises(ValueError, match="without published weights"):
-        distill.teacher_config("vit_b16")
+        distill.teacher_config("vit_g14")
+    # A preset with a checkpoint teaches with its tag's architecture (timm's GELU, its head).
+    handle, config = distill.teacher_config("vit_b16.augreg_in21k")
+    assert handle == "vit_b16.augreg_in21k" and config.num_classes == 21843
+    assert config.gelu == "exact"
     (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ValueError, match="without a final model"):
         distill.teacher_config(str(tmp_path / "unfinished"))
