@@ -15,7 +15,8 @@ and batch size:
   `loss.backward()` + `torch.optim.AdamW`).
 
 Contenders:
-- `kvs/<backend>`: `kvs.ViT` configured like timm's `vit_*_patch16_224`
+- `kvs/<backend>`: `kvs.ViT` configured like timm's `vit_*_patch16_224` (or, for
+  So400m/14, `vit_so400m_patch14_siglip_224`)
   (class token, learned position embedding covering it, exact GELU,
   token pooling), so all models do the same arithmetic;
 - `keras-hub/<backend>`: keras-hub's `ViTBackbone` + a Dense head on the
@@ -493,8 +494,9 @@ def report(res, args, mode):
         f"range {min(res['peaks']):.0f}-{max(res['peaks']):.0f}." if res["peaks"] else "",
         MALLOC_NOTE[res.get("host_malloc", "system")],
         "",
-        "224 px, float32, 1000 classes, random data; kvs.ViT configured like timm "
-        f"(class token, learned posemb, exact GELU). {MODE_STEPS[mode]} Contenders timed in "
+        "224 px, float32, 1000 classes, random data; kvs.ViT configured like each timm model "
+        "(class token, learned posemb covering it, exact GELU; So400m/14: SigLIP's MAP tower "
+        f"without a class token). {MODE_STEPS[mode]} Contenders timed in "
         "interleaved rounds, one step each per round; "
         f"{args.warmup} warm-up step(s) after the first (compiling) one. vs timm eager = median "
         "over rounds of (timm eager step time / contender step time).",

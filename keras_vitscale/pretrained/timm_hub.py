@@ -97,7 +97,14 @@ def fetch(repo_id, model_class, revision=None, config=None, info=None, token=Non
         FileNotFoundError: offline with nothing cached, no such repo or revision.
     """
     handle = handle or f"hf://{repo_id}" + (f"@{revision}" if revision else "")
-    hf_config, commit = download_config(repo_id, revision, token, handle)
+    try:
+        hf_config, commit = download_config(repo_id, revision, token, handle)
+    except FileNotFoundError:
+        # Offline with the Hugging Face cache cleared: a converted copy still serves.
+        offline_copy = _offline_entry(repo_id, revision, config)
+        if offline_copy is None:
+            raise
+        return offline_copy
     if not is_timm_config(hf_config):
         raise ValueError(f"{handle!r}: config.json is not timm's (no 'architecture'); it "
                          "is not a timm checkpoint.")
@@ -229,15 +236,17 @@ def _convert_to_cache(model_class, config, source, repo_id, commit, metadata, ve
     return cache.entry_dir(repo_id, commit)
 
 
-def checkpoint_config(repo_id, revision=None, token=None):
-    """The `ViTConfig` of a timm repo, from its config.json and safetensors header only.
-
-    Nothing else is downloaded; raises ValueError naming what the library
-    cannot represent.
-    """
-    hf_config, commit = download_config(repo_id, revision, token)
-    filename = _weights_file(repo_id, commit, token, f"hf://{repo_id}")
-    shapes = _header_shapes(repo_id, commit, filename, token)
-    if shapes is None:
-        raise ValueError(f"{repo_id!r} has no safetensors header to read the shapes from.")
-    return _checked_config(hf_config, shapes, None, f"hf://{repo_id}")
+def _offline_entry(repo_id, revision, config):
+    """The newest converted entry of `repo_id` (at `revision` if it is a commit)
+    when offline, or None."""
+    if not hub.hub_settings()[2]:
+        return None
+    commits = cache.cached_commits(repo_id)
+    if revision:
+        commits = [c for c in commits if c == revision]
+    for commit in commits:
+        entry = cache.cached_entry(repo_id, commit)
+        if config is None or read_directory_config(entry) == config:
+            logger.info("Offline: using the converted %s@%s from %s", repo_id, commit[:12], entry)
+            return entry
+    return None

@@ -225,3 +225,17 @@ def test_full_disk_while_writing_the_cache_leaves_nothing(server, ti16_repo, mon
 def test_preset_without_weights_still_builds_fresh(server):
     model = kvs.ViT.from_preset("vit_g14", num_classes=3, image_size=28, depth=1)
     assert model.config.num_classes == 3 and not server.requests
+
+
+def test_offline_load_needs_only_the_converted_cache(server, ti16_repo, tmp_path, monkeypatch):
+    import shutil
+
+    server.add_repo(TI16_REPO, ti16_repo[1])
+    first = kvs.ViT.from_preset("vit_ti16")
+    shutil.rmtree(tmp_path / "hf_home")  # the Hugging Face cache is gone
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = len(server.requests)
+    again = kvs.ViT.from_preset("vit_ti16")
+    assert len(server.requests) == before
+    np.testing.assert_array_equal(again.get_layer("head").kernel.numpy(),
+                                  first.get_layer("head").kernel.numpy())
