@@ -33,6 +33,9 @@ for name in names:
     else:  # ViT-22B: even one block is 0.45B parameters; shapes only.
         assert cfg.replace(depth=1).count_params() < cfg.count_params()
     built.append(name)
+# The class names ship as package data.
+assert len(kvs.imagenet_labels("imagenet-21k")) == 21843
+assert kvs.imagenet_labels("imagenet-1k")[0][0] == "n01440764"
 print(json.dumps(built))
 """
 

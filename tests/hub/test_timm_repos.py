@@ -239,3 +239,32 @@ def test_offline_load_needs_only_the_converted_cache(server, ti16_repo, tmp_path
     assert len(server.requests) == before
     np.testing.assert_array_equal(again.get_layer("head").kernel.numpy(),
                                   first.get_layer("head").kernel.numpy())
+
+
+NO_TORCH = r"""
+import sys
+
+class NoTorch:  # any import of torch (or timm, which needs it) fails
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "timm"):
+            raise ImportError(f"{name} is blocked in this test")
+
+sys.meta_path.insert(0, NoTorch())
+import keras_vitscale as kvs
+first = kvs.ViT.from_preset("vit_ti16")       # download + conversion from safetensors
+again = kvs.ViT.from_preset("vit_ti16")       # the cached preset
+assert "torch" not in sys.modules
+print("WIDTH", again.config.width)
+"""
+
+
+@pytest.mark.integration
+def test_safetensors_conversion_and_cached_loads_need_no_torch(server, ti16_repo):
+    import subprocess
+    import sys
+
+    server.add_repo(TI16_REPO, ti16_repo[1])
+    out = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True,
+                         env={**os.environ})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "WIDTH 192" in out.stdout
