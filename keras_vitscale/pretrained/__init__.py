@@ -50,7 +50,7 @@ def resolve_directory(handle, model_class, token=None, verbose=True):
         handle: "PRESET[.TAG][@REV]", "hf://org/repo[@REV]" or a directory.
         model_class: the model class converted checkpoints are built with.
         token: a Hub token for private or gated repos.
-        verbose: progress bars for downloads and conversions.
+        verbose: a progress bar over conversions (downloads show huggingface_hub's).
 
     Raises:
         ValueError: a built-in preset without weights, an unknown tag, or a

@@ -85,7 +85,8 @@ def fetch(repo_id, model_class, revision=None, config=None, info=None, token=Non
             preprocessing); default: taken from the repo's pretrained_cfg.
         token: a Hub token for private or gated repos.
         handle: what the user asked for, for messages.
-        verbose: progress bars for the download and the conversion.
+        verbose: a progress bar over the conversion (huggingface_hub shows its own
+            for the download; HF_HUB_DISABLE_PROGRESS_BARS=1 hides it).
 
     Returns:
         A `Path` to a preset directory (config.json, model.weights.h5, metadata.json).
