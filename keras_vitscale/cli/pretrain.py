@@ -75,9 +75,11 @@ def build_parser(tool="pretrain", description=DESCRIPTION, epilog=EPILOG,
     p = common.parser(tool, description, epilog)
     b = settings_lib.BASE
     m = p.add_argument_group("model")
-    m.add_argument("--preset", help="built-in preset name or preset directory "
-                   "(a directory's weights are the starting point); like --variant, its "
-                   "own model replaces the default model's")
+    m.add_argument("--preset", help="a built-in preset (a bare name: its architecture, "
+                   "trained from scratch; NAME.TAG: starts from that checkpoint), a preset "
+                   "directory or hf://org/repo (a keras_vitscale preset or a timm checkpoint), "
+                   "whose weights are the starting point; like --variant, its own model "
+                   "replaces the default model's")
     m.add_argument("--variant", help=f"variant such as 'S/16' or 'mu/4' (default: "
                    f"{b['variant']} with width {b['width']}, depth {b['depth']}); "
                    f"{settings_lib.VARIANT_HELP}")

@@ -35,7 +35,7 @@ def resolve_directory(handle):
     """The local preset directory `handle` names; a clear error otherwise.
 
     Only local paths: a "hf://org/repo" handle is the Hub's to download
-    (`keras_vitscale.hub.resolve_directory` takes both).
+    (`keras_vitscale.pretrained.resolve_directory` takes every kind of handle).
 
     Example:
     ```python
@@ -46,7 +46,7 @@ def resolve_directory(handle):
     if handle.startswith("hf://"):
         raise ValueError(
             f"{handle!r} is a Hugging Face handle, not a local directory; resolve it "
-            "with keras_vitscale.hub.resolve_directory (ViT.from_preset does).")
+            "with keras_vitscale.pretrained.resolve_directory (ViT.from_preset does).")
     path = Path(handle).expanduser()
     if path.is_dir():
         return path

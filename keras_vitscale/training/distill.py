@@ -44,7 +44,7 @@ from pathlib import Path
 import keras
 from keras import ops
 
-from keras_vitscale import hub, presets
+from keras_vitscale import presets, pretrained
 from keras_vitscale.config import ViTConfig
 from keras_vitscale.model import ViT
 from keras_vitscale.training import trainer
@@ -220,7 +220,8 @@ def teacher_config(teacher):
                 "model: a preset directory, hf://org/repo, or a tools/pretrain.py workdir.")
         return handle, presets.builtin_config(parsed.name, tag=entry["tag"])
     try:
-        return handle, presets.read_directory_config(hub.resolve_directory(handle))
+        return handle, presets.read_directory_config(
+            pretrained.resolve_directory(handle, model_class=ViT))
     except FileNotFoundError as err:  # an incomplete directory: a bad setting too
         raise ValueError(f"--teacher {teacher}: {err}") from None
 

@@ -18,12 +18,12 @@ trained weights (how often to log, checkpoint, evaluate) may differ.
 
 import math
 
-from keras_vitscale import hub
-from keras_vitscale import presets
+from keras_vitscale import presets, pretrained
 from keras_vitscale import schedules
 from keras_vitscale.config import ViTConfig
 from keras_vitscale.data.sources import digit_classes
 from keras_vitscale.evaluation.on_source import check_shots
+from keras_vitscale.model import ViT
 
 BASE = dict(
     # model: used only when neither --preset nor --variant is given (see
@@ -290,7 +290,9 @@ def model_config(config, explicit):
         parsed = presets.parse_handle(preset)
         if parsed is not None:  # a tag (vit_b16.augreg_in21k) brings its checkpoint's fields
             return presets.builtin_config(parsed.name, tag=parsed.tag, **fields)
-        return presets.read_directory_config(hub.resolve_directory(preset)).replace(**fields)
+        # A directory or Hub repo (a timm one is converted once, into the cache).
+        directory = pretrained.resolve_directory(preset, model_class=ViT)
+        return presets.read_directory_config(directory).replace(**fields)
     return ViTConfig.from_variant(config["variant"], **fields)
 
 

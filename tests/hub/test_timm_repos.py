@@ -268,3 +268,24 @@ def test_safetensors_conversion_and_cached_loads_need_no_torch(server, ti16_repo
                          env={**os.environ})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "WIDTH 192" in out.stdout
+
+
+@pytest.mark.integration
+def test_pretrain_tool_starts_from_a_timm_repo(server, tmp_path):
+    from keras_vitscale.cli import pretrain
+
+    name = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    timm_model = random_timm(name, depth=1, embed_dim=32, num_heads=2, img_size=16,
+                             patch_size=4, num_classes=4)
+    server.add_repo(f"timm/{name}", timm_files(timm_model, tmp_path))
+    workdir = tmp_path / "run"
+    assert pretrain.main(["--preset", f"hf://timm/{name}", "--workdir", str(workdir),
+                          "--image-size", "16", "--batch-size", "8", "--steps", "1",
+                          "--lr", "0", "--log-every", "1", "--checkpoint-every", "1",
+                          "--eval-every", "1", "--fewshot", "none", "--dataset", "synthetic",
+                          "--num-classes", "4", "--no-progress"]) == 0
+    # Learning rate 0: the trained model still computes what timm's does.
+    trained = kvs.ViT.from_preset(str(workdir / "model"))
+    images = images_for(16)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(trained(images)),
+                               timm_outputs(timm_model, images), atol=1e-4, rtol=0)
