@@ -68,7 +68,7 @@ def resolve_directory(handle, model_class, token=None, verbose=True):
                              f"kvs.ViT.from_preset({parsed.name!r}, load_weights=False).")
         config = builtin_config(parsed.name, tag=entry["tag"])
         info = {k: entry[k] for k in _INFO_KEYS if k in entry}
-        return timm_hub.fetch(entry["source"].split("@")[0], model_class,
+        return timm_hub.fetch(entry["source"], model_class,
                               revision=parsed.revision, config=config,
                               info={"preset": parsed.name, **info}, token=token,
                               handle=str(handle), verbose=verbose)
