@@ -88,10 +88,10 @@ def test_saving_again_replaces_old_weight_files(tmp_path):
     assert (directory / "model.weights.json").exists()
 
 
-def test_local_resolution_leaves_hub_handles_to_the_hub(tmp_path):
+def test_local_resolution_leaves_hub_handles_to_the_pretrained_resolver(tmp_path):
     _, directory = _saved(tmp_path)
     assert presets.resolve_directory(str(directory)) == directory
-    with pytest.raises(ValueError, match="keras_vitscale.hub.resolve_directory"):
+    with pytest.raises(ValueError, match="keras_vitscale.pretrained.resolve_directory"):
         presets.resolve_directory("hf://org/repo")
     with pytest.raises(ValueError, match="Unknown preset 'no/such/dir'"):
         presets.resolve_directory("no/such/dir")
