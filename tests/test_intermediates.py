@@ -21,27 +21,15 @@ from timm.models.vision_transformer import ParallelScalingBlock  # noqa: E402
 import keras_vitscale as kvs  # noqa: E402
 from keras_vitscale import convert, intermediates  # noqa: E402
 
+from timm_models import images_for, small_timm as small_timm_2_blocks  # noqa: E402
+
 TOL = 1e-4  # float32, max |difference|
 DEPTH = 4
 
 
-def randomize(module, seed=0):
-    """randn * 0.02 for every parameter; LayerNorm scales 1 + that."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for sub in module.modules():
-            for name, param in sub.named_parameters(recurse=False):
-                noise = 0.02 * torch.randn(param.shape, generator=generator)
-                is_scale = isinstance(sub, torch.nn.LayerNorm) and name == "weight"
-                param.copy_(1.0 + noise if is_scale else noise)
-    return module.eval()
-
-
 def small_timm(**kwargs):
-    args = dict(img_size=64, patch_size=16, embed_dim=64, depth=DEPTH, num_heads=4,
-                num_classes=10)
-    args.update(kwargs)
-    return randomize(timm.models.VisionTransformer(**args))
+    """Four blocks, so that indices such as -2 or [0, 2] pick inner blocks."""
+    return small_timm_2_blocks(**{"depth": DEPTH, **kwargs})
 
 
 # name -> timm VisionTransformer arguments; each model is converted once.
@@ -85,12 +73,6 @@ def test_converted_models_have_the_options(pairs):
     assert (dinov2.num_prefix_tokens, dinov2.mlp_type, dinov2.layer_scale) == (5, "swiglu", 1e-5)
     assert not dinov2.posemb_covers_class_token
     assert config["clip_pre_norm"].pre_norm and not config["clip_pre_norm"].patch_bias
-
-
-def images_for(config, batch=2, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((batch, *config.image_size, config.in_channels)).astype(
-        "float32")
 
 
 def to_numpy(x):

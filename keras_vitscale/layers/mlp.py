@@ -48,6 +48,9 @@ class MLP(keras.layers.Layer):
     ```
     """
 
+    # Outputs of dense_1 per unit of hidden_dim: 2 in the packed SwiGLU.
+    first_width_factor = 1
+
     def __init__(self, hidden_dim, use_bias=True, gelu_flavour="tanh", dropout_rate=0.0,
                  **kwargs):
         super().__init__(**kwargs)
@@ -58,7 +61,8 @@ class MLP(keras.layers.Layer):
         self.dense_1 = self.dense_2 = None
 
     def build(self, input_shape):
-        self.dense_1 = TokenDense(self.hidden_dim, use_bias=self.use_bias, name="dense_1",
+        self.dense_1 = TokenDense(self.first_width_factor * self.hidden_dim,
+                                  use_bias=self.use_bias, name="dense_1",
                                   bias_initializer=mlp_bias_initializer(), dtype=self.dtype_policy)
         self.dense_2 = TokenDense(input_shape[-1], use_bias=self.use_bias, name="dense_2",
                                   bias_initializer=mlp_bias_initializer(), dtype=self.dtype_policy)
@@ -70,12 +74,12 @@ class MLP(keras.layers.Layer):
         return self.dropout(self.dense_2(h), training=training)
 
 
-class SwiGLUMLP(keras.layers.Layer):
+class SwiGLUMLP(MLP):
     """A gated MLP: [a | b] = dense_1(x), h = silu(a) * b, y = dense_2(h).
 
     One (D, 2 * hidden_dim) kernel holds both halves, gate first: the layout
     of timm's `SwiGLUPacked` (`GluMlp` with `gate_last=False`), so DINOv2
-    checkpoints load as they are. The sublayers keep the names of `MLP`'s.
+    checkpoints load as they are. The sublayers are `MLP`'s, with the same names.
 
     Args:
         hidden_dim: inner width after gating (4096 for DINOv2 giant, whose
@@ -90,20 +94,10 @@ class SwiGLUMLP(keras.layers.Layer):
     ```
     """
 
-    def __init__(self, hidden_dim, use_bias=True, dropout_rate=0.0, **kwargs):
-        super().__init__(**kwargs)
-        self.hidden_dim = hidden_dim
-        self.use_bias = use_bias
-        self.dropout = seeded_dropout(dropout_rate, dtype=self.dtype_policy)
-        self.dense_1 = self.dense_2 = None
+    first_width_factor = 2
 
-    def build(self, input_shape):
-        self.dense_1 = TokenDense(2 * self.hidden_dim, use_bias=self.use_bias, name="dense_1",
-                                  bias_initializer=mlp_bias_initializer(), dtype=self.dtype_policy)
-        self.dense_2 = TokenDense(input_shape[-1], use_bias=self.use_bias, name="dense_2",
-                                  bias_initializer=mlp_bias_initializer(), dtype=self.dtype_policy)
-        self.dense_1.build(input_shape)
-        self.dense_2.build(tuple(input_shape[:-1]) + (self.hidden_dim,))
+    def __init__(self, hidden_dim, use_bias=True, dropout_rate=0.0, **kwargs):
+        super().__init__(hidden_dim, use_bias=use_bias, dropout_rate=dropout_rate, **kwargs)
 
     def call(self, x, training=None):
         h = self.dense_1(x)

@@ -43,6 +43,14 @@ def _builtin(handle):
     return parsed, weights_entry(parsed.name, parsed.tag)
 
 
+def _timm_repo(handle, token):
+    """(repo_id, revision, config.json) of an "hf://" handle naming a timm repo,
+    or None for a keras_vitscale preset repo. Only config.json is fetched."""
+    repo_id, revision = hub.parse_handle(handle)
+    hf_config, _ = timm_hub.download_config(repo_id, revision, token, str(handle))
+    return (repo_id, revision, hf_config) if timm_hub.is_timm_config(hf_config) else None
+
+
 def resolve_directory(handle, model_class, token=None, verbose=True):
     """A local preset directory for any handle, downloading and converting as needed.
 
@@ -73,9 +81,9 @@ def resolve_directory(handle, model_class, token=None, verbose=True):
                               info={"preset": parsed.name, **info}, token=token,
                               handle=str(handle), verbose=verbose)
     if str(handle).startswith("hf://"):
-        repo_id, revision = hub.parse_handle(handle)
-        hf_config, _ = timm_hub.download_config(repo_id, revision, token, str(handle))
-        if timm_hub.is_timm_config(hf_config):
+        timm_repo = _timm_repo(handle, token)
+        if timm_repo is not None:
+            repo_id, revision, _ = timm_repo
             return timm_hub.fetch(repo_id, model_class, revision=revision, token=token,
                                   handle=str(handle), verbose=verbose)
         return hub.resolve_directory(handle, token=token)
@@ -86,14 +94,11 @@ def _info(handle, token=None):
     """The recorded facts (preprocessing, labels, ...) of a handle, without weights."""
     parsed, entry = _builtin(handle)
     if parsed is not None:
-        if entry is None:
-            return {}
-        return dict(entry)
+        return dict(entry or {})
     if str(handle).startswith("hf://"):
-        repo_id, revision = hub.parse_handle(handle)
-        hf_config, _ = timm_hub.download_config(repo_id, revision, token, str(handle))
-        if timm_hub.is_timm_config(hf_config):
-            return timm_hub.info_from_timm(hf_config)
+        timm_repo = _timm_repo(handle, token)
+        if timm_repo is not None:
+            return timm_hub.info_from_timm(timm_repo[2])
         directory = hub.resolve_directory(handle, token=token)
     else:
         directory = local_directory(handle)

@@ -34,7 +34,7 @@ from timm.models.vision_transformer import _load_weights  # noqa: E402
 import keras_vitscale as kvs  # noqa: E402
 from keras_vitscale.convert import timm_layout  # noqa: E402
 from test_big_vision import bv_params, save, theirs, timm_model  # noqa: E402
-from test_hub import server  # noqa: E402, F401  (pytest fixture: HF_ENDPOINT -> HubServer)
+from hub_server import server  # noqa: E402, F401  (pytest fixture: HF_ENDPOINT -> HubServer)
 from test_timm import CUSTOM, run, small_timm  # noqa: E402
 from test_transformers import TINY, classifier, randomize  # noqa: E402
 

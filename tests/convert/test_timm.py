@@ -21,44 +21,10 @@ import keras_vitscale as kvs  # noqa: E402
 from keras_vitscale import convert  # noqa: E402
 from keras_vitscale.convert import timm_layout  # noqa: E402
 from keras_vitscale.convert import timm_module, verify  # noqa: E402
+from timm_models import (images_for, randomize, small_timm, timm_count,  # noqa: E402, F401
+                         timm_outputs)
+
 TOL = 1e-4  # float32, max |logit difference|
-
-
-def randomize(model, seed=0):
-    """Redraws every parameter as randn * 0.02; LayerNorm scales as 1 + that.
-
-    Why not randn * 0.02 for the scales too: every LayerNorm would then shrink
-    its output 50-fold and the logits to ~1e-3, under which a 1e-4
-    tolerance would hide real mistakes.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            for name, param in module.named_parameters(recurse=False):
-                noise = 0.02 * torch.randn(param.shape, generator=generator)
-                is_scale = isinstance(module, torch.nn.LayerNorm) and name == "weight"
-                param.copy_(1.0 + noise if is_scale else noise)
-    return model.eval()
-
-
-def small_timm(**kwargs):
-    args = dict(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=4,
-                num_classes=10)
-    args.update(kwargs)
-    return randomize(timm.models.VisionTransformer(**args))
-
-
-def images_for(config, batch=2, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((batch, *config.image_size, config.in_channels)).astype("float32")
-
-
-def timm_outputs(timm_model, images, pre_logits=False):
-    x = torch.from_numpy(images.transpose(0, 3, 1, 2))
-    with torch.no_grad():
-        if pre_logits:
-            return timm_model.forward_head(timm_model.forward_features(x), pre_logits=True).numpy()
-        return timm_model(x).numpy()
 
 
 def run(model, images):
@@ -79,10 +45,6 @@ def max_diff(model, timm_model, batch=2, pre_logits=False):
     # differences must also be tiny relative to the logits.
     assert diff <= 1e-3 * float(np.max(np.abs(theirs)))
     return diff
-
-
-def timm_count(timm_model):
-    return sum(p.numel() for p in timm_model.parameters())
 
 
 # ---- standard timm models (built once per module) ----------------------------

@@ -24,7 +24,7 @@ import keras_vitscale as kvs  # noqa: E402
 from keras_vitscale.convert import common, files, timm_hub_config, timm_layout  # noqa: E402
 
 from test_timm import TOL, images_for, run, timm_outputs  # noqa: E402
-from test_timm_options import randomize  # noqa: E402
+from timm_models import randomize  # noqa: E402
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=4, mlp_ratio=4)
 # family -> (timm architecture, its classes, image size)

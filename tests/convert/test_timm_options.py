@@ -18,34 +18,7 @@ from keras_vitscale import convert  # noqa: E402
 from keras_vitscale.convert import timm_layout, timm_module  # noqa: E402
 
 from test_timm import TOL, images_for, max_diff, run, timm_count, timm_outputs  # noqa: E402
-
-
-def randomize(model, seed=0):
-    """Every parameter randn * 0.02; LayerNorm and LayerScale scales 1 + that.
-
-    LayerScale near 1, not at its 1e-5 init: a scale that small would hide a
-    wrong mapping of everything inside the block under the tolerance.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            for name, param in module.named_parameters(recurse=False):
-                noise = 0.02 * torch.randn(param.shape, generator=generator)
-                is_scale = (isinstance(module, torch.nn.LayerNorm) and name == "weight") \
-                    or isinstance(module, timm.layers.LayerScale)
-                param.copy_(1.0 + noise if is_scale else noise)
-    return model.eval()
-
-
-def small(**kwargs):
-    args = dict(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=4,
-                num_classes=10)
-    args.update(kwargs)
-    head_bias = args.pop("head_bias", True)
-    model = timm.models.VisionTransformer(**args)
-    if not head_bias:  # timm's head always has one; OpenCLIP's projection has none
-        model.head.bias = None
-    return randomize(model)
+from timm_models import small_timm as small  # noqa: E402
 
 
 SWIGLU = dict(mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU, mlp_ratio=4)

@@ -24,21 +24,17 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 from keras_vitscale.convert import transformers as hf_convert  # noqa: E402
 
+from timm_models import randomize as _randomize  # noqa: E402
+
 TOL = 1e-4  # float32, max |logit difference|
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=128, image_size=32, patch_size=8)
 
 
 def randomize(model, seed=0):
-    """Redraws every parameter as randn * 0.05; LayerNorm scales as 1 + that."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            for name, param in module.named_parameters(recurse=False):
-                noise = 0.05 * torch.randn(param.shape, generator=generator)
-                is_scale = isinstance(module, torch.nn.LayerNorm) and name == "weight"
-                param.copy_(1.0 + noise if is_scale else noise)
-    return model.eval()
+    return _randomize(model, seed, scale=0.05)
+
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=128, image_size=32, patch_size=8)
 
 
 def classifier(num_labels=5, **kwargs):

@@ -24,6 +24,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import pytest
+
 TOKEN = "hf_loopback_test_token"
 
 
@@ -268,3 +270,18 @@ def _handler_for(hub):
             pass
 
     return Handler
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """The loopback Hub for one test: the real huggingface_hub client points at it
+    (HF_ENDPOINT) with a temporary HF_HOME and the test token, so nothing reaches
+    huggingface.co or the user's cache or login. Import it into a test module
+    (`from hub_server import server`) to use it."""
+    with HubServer() as hub_server:
+        monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        yield hub_server

@@ -18,7 +18,7 @@ import pytest
 
 import keras_vitscale as kvs
 from keras_vitscale import hub
-from hub_server import TOKEN, HubServer
+from hub_server import TOKEN, server  # noqa: F401 (the loopback Hub fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,17 +41,6 @@ def source(tmp_path_factory):
     model.save_to_preset(directory)
     images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype("float32")
     return model, directory, images, _outputs(model, images)
-
-
-@pytest.fixture
-def server(tmp_path, monkeypatch):
-    with HubServer() as hub_server:
-        monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-        monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        yield hub_server
 
 
 def _outputs(model, images):

@@ -22,21 +22,10 @@ timm = pytest.importorskip("timm")
 
 import keras_vitscale as kvs  # noqa: E402
 from keras_vitscale.pretrained import cache  # noqa: E402
-from hub_server import TOKEN, HubServer  # noqa: E402
+from hub_server import server  # noqa: E402, F401 (the loopback Hub fixture)
+from timm_models import randomize, timm_outputs  # noqa: E402
 
 TI16_REPO = "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
-
-
-@pytest.fixture
-def server(tmp_path, monkeypatch):
-    with HubServer() as hub_server:
-        monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-        monkeypatch.setenv("KVS_CACHE", str(tmp_path / "kvs_cache"))
-        monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        yield hub_server
 
 
 def timm_files(model, tmp_path):
@@ -49,21 +38,11 @@ def timm_files(model, tmp_path):
 
 
 def random_timm(name, seed=0, **kwargs):
-    """A timm model with random weights everywhere (zero-initialised ones too)."""
-    torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, **kwargs).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
-    return model
+    """timm's model `name` with random weights everywhere (zero-initialised ones too)."""
+    return randomize(timm.create_model(name, pretrained=False, **kwargs), seed)
 
 
-def timm_outputs(model, images):
-    with torch.no_grad():
-        return model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
-
-
-def images_for(size, seed=0):
+def images_at(size, seed=0):
     return np.random.default_rng(seed).uniform(-1, 1, (2, size, size, 3)).astype("float32")
 
 
@@ -78,7 +57,7 @@ def ti16_repo(tmp_path_factory):
 def test_builtin_preset_downloads_converts_and_caches(server, ti16_repo):
     timm_model, files = ti16_repo
     commit = server.add_repo(TI16_REPO, files)
-    images = images_for(224)
+    images = images_at(224)
     model = kvs.ViT.from_preset("vit_ti16")
     np.testing.assert_allclose(keras.ops.convert_to_numpy(model(images)),
                                timm_outputs(timm_model, images), atol=1e-4, rtol=0)
@@ -115,7 +94,7 @@ def test_revision_pins_the_source_commit(server, ti16_repo, tmp_path):
     first = server.add_repo(TI16_REPO, ti16_repo[1])
     other = random_timm("vit_tiny_patch16_224.augreg_in21k_ft_in1k", seed=1)
     server.add_repo(TI16_REPO, timm_files(other, tmp_path))
-    images = images_for(224)
+    images = images_at(224)
     pinned = kvs.ViT.from_preset(f"vit_ti16@{first}")
     np.testing.assert_allclose(keras.ops.convert_to_numpy(pinned(images)),
                                timm_outputs(ti16_repo[0], images), atol=1e-4, rtol=0)
@@ -151,7 +130,7 @@ def test_timm_families_load_by_hf_handle(server, family, tmp_path):
     timm_model = random_timm(name, **kwargs)
     server.add_repo(f"timm/{name}", timm_files(timm_model, tmp_path))
     model = kvs.ViT.from_preset(f"hf://timm/{name}")
-    images = images_for(size)
+    images = images_at(size)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(model(images)),
                                timm_outputs(timm_model, images), atol=1e-4, rtol=0)
     meta = json.loads((next(cache.repo_dir(f"timm/{name}").iterdir()) / "metadata.json")
@@ -286,6 +265,6 @@ def test_pretrain_tool_starts_from_a_timm_repo(server, tmp_path):
                           "--num-classes", "4", "--no-progress"]) == 0
     # Learning rate 0: the trained model still computes what timm's does.
     trained = kvs.ViT.from_preset(str(workdir / "model"))
-    images = images_for(16)
+    images = images_at(16)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(trained(images)),
                                timm_outputs(timm_model, images), atol=1e-4, rtol=0)
